@@ -1,0 +1,62 @@
+"""The `rxt` command line. Each command lives in its own module, which provides
+``add_arguments(parser)`` and ``run(args) -> int``; this file only routes to them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# command words -> (module, one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("bench", "attention"): ("rxt.bench.attention", "time the SQA attention family against MHA/GQA/MQA"),
+    ("bench", "latency"): ("rxt.bench.latency", "per-turn latency: RxT vs the stateless baselines"),
+    ("bench", "serve"): ("rxt.bench.serve", "load-test a running rxt server"),
+    ("chat",): ("rxt.chat", "chat with a model directory in the terminal"),
+    ("train",): ("rxt.training.cli", "run a training recipe (all curriculum stages)"),
+    ("eval", "recall"): ("rxt.evaluation.recall", "memory-recall accuracy by turn distance"),
+    ("tokenizer", "train"): ("rxt.tokenizer", "train a byte-level BPE tokenizer"),
+    ("data", "validate"): ("rxt.data.jsonl", "check a dialogue JSONL file"),
+    ("serve",): ("rxt.serve.app", "OpenAI-compatible stateful chat server"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rxt", description="Reactive Transformer (RxT) toolkit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    top = parser.add_subparsers(dest="command", required=True)
+    for words, (module, help_text) in COMMANDS.items():
+        if len(words) == 1:
+            sub = top.add_parser(words[0], help=help_text)
+        else:
+            if words[0] not in groups:
+                group = top.add_parser(words[0], help=f"{words[0]} commands")
+                groups[words[0]] = group.add_subparsers(dest="subcommand", required=True)
+            sub = groups[words[0]].add_parser(words[1], help=help_text)
+        sub.set_defaults(_module=module)
+        _lazy_arguments(sub, module)
+    return parser
+
+
+def _lazy_arguments(parser: argparse.ArgumentParser, module: str) -> None:
+    try:
+        importlib.import_module(module).add_arguments(parser)
+    except ModuleNotFoundError as error:
+        if error.name != module:
+            raise
+        parser.set_defaults(_missing=module)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if getattr(args, "_missing", None):
+        print(f"rxt: {args._missing} is not available in this build", file=sys.stderr)
+        return 2
+    return importlib.import_module(args._module).run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The memory system: Short-Term Memory (STM), residual gates and the memory attention network.
+
+After a turn, the memory encoder turns concat(X_t, Y_t) into encoded data ED_t (one layer per STM
+layer). The memory attention network folds it into memory, layer by layer (arXiv 2510.03561):
+
+    S'_i      = pre_step(STM_{t-1})_i                    # variant-specific, see below
+    Update_i  = Attn(Q = norm(S'_i), K = V = norm(ED_i))  # RoPE on keys only
+    STM_t,i   = (1 - G) * STM_{t-1,i} + G * Update_i      # residual gate, G = sigmoid(.)
+
+Variants differ only by the pre-step:
+    simple                  none
+    self                    S' = STM_i + Attn(STM_i <- STM_i)
+    interlayer              S' = STM_i + Attn(STM_i <- mean_j STM_j)
+    gated_self_interlayer   S' = STM_i + Attn(STM_i <- g * STM_i + (1 - g) * mean_j STM_j)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rxt.attention import Attention, RotaryEmbedding
+from rxt.config import ModelConfig
+from rxt.layers import RMSNorm
+
+
+class ShortTermMemory(nn.Module):
+    """Fixed-size memory: (layers, B, slots, D). A buffer, not a parameter; slots carry no position.
+
+    ``initial(batch)`` gives the starting state: a fixed small-normal draw, or a learned one.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        shape = (config.n_layers, config.stm_slots, config.d_model)
+        generator = torch.Generator().manual_seed(0)  # the same start state for every session
+        init = torch.randn(shape, generator=generator) * config.stm_init_std
+        if config.stm_init == "learned":
+            self.init = nn.Parameter(init)
+        else:
+            self.register_buffer("init", init)
+
+    def initial(self, batch_size: int = 1) -> torch.Tensor:
+        return self.init[:, None].expand(-1, batch_size, -1, -1).clone()  # (L, B, S, D)
+
+
+class ResidualGate(nn.Module):
+    """STM_t = (1 - G) * STM_{t-1} + G * Update (sigmoid); tanh: (1 - G) * old + (1 + G) * new; none: old + new.
+
+    G depends on (slots only, never on the batch):
+        static       G = act(w)                                 w per slot
+        elementwise  G = act(w * mean_D(STM + Update) + b)      w, b per slot
+        linear       G = act(Linear_{S->S}(mean_D(STM + Update)))
+    """
+
+    def __init__(self, slots: int, mode: str, activation: str):
+        super().__init__()
+        self.mode, self.activation = mode, activation
+        self.weight = nn.Parameter(torch.full((slots, 1), 1.0 if mode == "elementwise" else 0.0))
+        self.bias = nn.Parameter(torch.zeros(slots, 1))
+        self.linear = nn.Linear(slots, slots) if mode == "linear" else None
+
+    def gate_logits(self, old: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        if self.mode == "static":
+            return (self.weight + self.bias).expand_as(old[..., :1])  # (B, S, 1)
+        summary = (old + update).mean(-1, keepdim=True)  # (B, S, 1)
+        if self.mode == "elementwise":
+            return self.weight * summary + self.bias
+        return self.linear(summary.squeeze(-1)).unsqueeze(-1)
+
+    def forward(self, old: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        if self.activation == "none":
+            return old + update
+        logits = self.gate_logits(old, update)
+        if self.activation == "sigmoid":
+            g = torch.sigmoid(logits)
+            return (1 - g) * old + g * update
+        g = torch.tanh(logits)
+        return (1 - g) * old + (1 + g) * update
+
+
+class MemoryAttentionLayer(nn.Module):
+    """Updates one STM layer from one ED layer; the variant picks the pre-step's keys/values."""
+
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        c = config
+        self.variant = c.memory_attention
+        heads = (c.d_model, c.n_heads, c.cross_n_q_heads, c.cross_n_kv_heads)
+        if self.variant != "simple":
+            self.pre_norm = RMSNorm(c.d_model, c.norm_eps)
+            self.pre_attention = Attention(*heads, rope="none", impl=c.attn_impl)
+        if self.variant == "gated_self_interlayer":
+            self.mix_gate = nn.Parameter(torch.zeros(c.stm_slots, 1))
+        self.stm_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.ed_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.attention = Attention(*heads, rope="k", impl=c.attn_impl, rotary=rotary)
+        self.gate = ResidualGate(c.stm_slots, c.gate_mode, c.gate_activation)
+
+    def pre_step_source(self, stm: torch.Tensor, stm_mean: torch.Tensor) -> torch.Tensor:
+        if self.variant == "self":
+            return stm
+        if self.variant == "interlayer":
+            return stm_mean
+        g = torch.sigmoid(self.mix_gate)
+        return g * stm + (1 - g) * stm_mean
+
+    def forward(
+        self, stm: torch.Tensor, stm_mean: torch.Tensor, ed: torch.Tensor, ed_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """stm: (B, S, D) this layer's memory; stm_mean: (B, S, D) mean over layers; ed: (B, T, D)."""
+        query = stm
+        if self.variant != "simple":
+            source = self.pre_norm(self.pre_step_source(stm, stm_mean))
+            query = stm + self.pre_attention(self.pre_norm(stm), source)
+        update = self.attention(self.stm_norm(query), self.ed_norm(ed), key_mask=ed_mask)
+        return self.gate(stm, update)
+
+
+class MemoryAttention(nn.Module):
+    """The memory attention network: one MemoryAttentionLayer per STM layer."""
+
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.layers = nn.ModuleList(MemoryAttentionLayer(config, rotary) for _ in range(config.n_layers))
+
+    def forward(
+        self, stm: torch.Tensor, encoded: list[torch.Tensor], ed_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """stm: (L, B, S, D); encoded: L tensors (B, T, D); ed_mask: (B, T) True for real tokens."""
+        stm_mean = stm.mean(0)  # (B, S, D)
+        return torch.stack([layer(stm[i], stm_mean, encoded[i], ed_mask) for i, layer in enumerate(self.layers)])
