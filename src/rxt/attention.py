@@ -97,15 +97,22 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if d_head % 2:
             raise ValueError(f"RoPE needs an even head size, got d_head={d_head}")
-        inv_freq = 1.0 / theta ** (torch.arange(0, d_head, 2, dtype=torch.float32) / d_head)
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # (P, d_head/2)
+        self.register_buffer(
+            "inv_freq", 1.0 / theta ** (torch.arange(0, d_head, 2, dtype=torch.float32) / d_head), persistent=False
+        )
+        self._build(max_positions)
+
+    def _build(self, n_positions: int) -> None:
+        positions = torch.arange(n_positions, dtype=torch.float32, device=self.inv_freq.device)
+        angles = torch.outer(positions, self.inv_freq)  # (P, d_head/2)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x (B, H, T, d_head) at positions (B, T) or (T,)."""
-        if int(positions.max()) >= self.cos.shape[0]:
-            raise ValueError(f"position {int(positions.max())} exceeds max_seq_len={self.cos.shape[0]}")
+        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+            # longer than max_seq_len (e.g. a long stateless history): extend the tables
+            self._build(2 * int(positions.max()) + 1)
         cos, sin = self.cos[positions], self.sin[positions]  # (B, T, d_head/2) or (T, d_head/2)
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]  # broadcast over heads

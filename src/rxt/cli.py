@@ -44,8 +44,8 @@ def _lazy_arguments(parser: argparse.ArgumentParser, module: str) -> None:
     try:
         importlib.import_module(module).add_arguments(parser)
     except ModuleNotFoundError as error:
-        if error.name != module:
-            raise
+        if error.name is None or not (module == error.name or module.startswith(error.name + ".")):
+            raise  # a missing dependency of an existing command, not a missing command
         parser.set_defaults(_missing=module)
 
 

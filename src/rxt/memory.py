@@ -24,6 +24,11 @@ from rxt.config import ModelConfig
 from rxt.layers import RMSNorm
 
 
+def positions_from_mask(key_mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions for left- or right-padded rows: each row's real tokens count 0, 1, 2, ..."""
+    return (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 class ShortTermMemory(nn.Module):
     """Fixed-size memory: (layers, B, slots, D). A buffer, not a parameter; slots carry no position.
 
@@ -113,7 +118,10 @@ class MemoryAttentionLayer(nn.Module):
         if self.variant != "simple":
             source = self.pre_norm(self.pre_step_source(stm, stm_mean))
             query = stm + self.pre_attention(self.pre_norm(stm), source)
-        update = self.attention(self.stm_norm(query), self.ed_norm(ed), key_mask=ed_mask)
+        ed_positions = positions_from_mask(ed_mask) if ed_mask is not None else None  # padding-proof RoPE
+        update = self.attention(
+            self.stm_norm(query), self.ed_norm(ed), context_positions=ed_positions, key_mask=ed_mask
+        )
         return self.gate(stm, update)
 
 

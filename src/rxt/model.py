@@ -21,16 +21,13 @@ from torch import nn
 from rxt.attention import KVCache, RotaryEmbedding
 from rxt.config import ModelConfig
 from rxt.layers import DecoderLayer, EncoderLayer, RMSNorm
-from rxt.memory import MemoryAttention, ShortTermMemory
+from rxt.memory import MemoryAttention, ShortTermMemory, positions_from_mask
 
 log = logging.getLogger(__name__)
 
+__all__ = ["ReactiveTransformer", "StatelessLM", "load_model", "positions_from_mask"]
+
 MemoryKV = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: (B, H_kv, S, d_head) x 2
-
-
-def positions_from_mask(key_mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
-    """RoPE positions for left- or right-padded rows: each row's real tokens count 0, 1, 2, ..."""
-    return (key_mask.long().cumsum(-1) - 1).clamp(min=0) + (offset if isinstance(offset, int) else offset[:, None])
 
 
 class Decoder(nn.Module):

@@ -1,0 +1,109 @@
+"""Stateless baselines with the same streaming API as RxT (DESIGN.md section 5).
+
+    full     re-read the whole history every turn (KV cache within the turn): quadratic cost
+    cached   keep the KV cache across turns (prefix caching): prefill only the new tokens, but attend
+             to, and store, a cache that grows with the conversation
+    current  the current turn only: no memory at all (lower bound)
+    window   the history truncated to the RxT memory's footprint (equal state size)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from rxt.attention import KVCache
+from rxt.config import ModelConfig
+from rxt.engine import ChatEngine, TurnPlan
+from rxt.generation import left_pad
+from rxt.model import StatelessLM, positions_from_mask
+from rxt.session import Session, TurnStats
+from rxt.tokenizer import Tokenizer
+
+MODES = ("full", "cached", "current", "window")
+
+
+def window_tokens_for(config: ModelConfig) -> int:
+    """History tokens whose KV cache holds as many numbers as an RxT STM of this config.
+
+    STM: L * S * D values; KV cache: L * 2 * H_kv * d_head values per token.
+    """
+    per_token = 2 * config.n_kv_heads * config.d_head
+    return max(1, config.stm_slots * config.d_model // per_token)
+
+
+class StatelessEngine(ChatEngine):
+    model_type = "stateless"
+
+    def __init__(self, model: StatelessLM, tokenizer: Tokenizer | None = None, device: str | None = None,
+                 mode: str = "full", window_tokens: int | None = None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        super().__init__(model, tokenizer, device)
+        self.mode = mode
+        self.window_tokens = window_tokens or window_tokens_for(model.config)
+
+    def new_session(self) -> Session:
+        return Session(self.model_type, self.identity, {"history": torch.zeros(0, dtype=torch.long)})
+
+    def context(self, session: Session) -> list[int]:
+        """History tokens re-read before the new prompt."""
+        history = session.tensors["history"].tolist()
+        if self.mode == "full":
+            return history
+        if self.mode == "window":
+            return history[-self.window_tokens:] if self.window_tokens else []
+        if self.mode == "cached":  # tokens of the history the cache has not seen yet (the last [EOT])
+            return history[self._cache(session).length:]
+        return []
+
+    def _cache(self, session: Session) -> KVCache:
+        caches = session.runtime.setdefault("caches", [KVCache() for _ in self.model.decoder.layers])
+        return caches[0]
+
+    def plan(self, sessions: Sequence[Session], prompts: list[list[int]]) -> TurnPlan:
+        if self.mode == "cached":
+            if len(sessions) != 1:
+                raise ValueError("the persistent-cache baseline answers one session at a time")
+            return self._plan_cached(sessions[0], prompts[0])
+        inputs = [self.context(s) + p for s, p in zip(sessions, prompts)]
+        ids, mask = left_pad(inputs, self.tokenizer.pad_id, self.device)
+        caches = [KVCache() for _ in self.model.decoder.layers]
+
+        def step(tokens, key_mask, positions):
+            return self.model.decode(tokens, key_mask=key_mask, positions=positions, caches=caches)
+
+        return TurnPlan(ids, mask, positions_from_mask(mask), step, [len(i) for i in inputs])
+
+    def _plan_cached(self, session: Session, prompt: list[int]) -> TurnPlan:
+        caches = session.runtime.setdefault("caches", [KVCache() for _ in self.model.decoder.layers])
+        new = self.context(session) + prompt
+        start = caches[0].length
+        ids = torch.tensor([new], device=self.device)
+        mask = torch.ones(1, start + len(new), dtype=torch.bool, device=self.device)
+        positions = torch.arange(start, start + len(new), device=self.device)[None]
+
+        def step(tokens, key_mask, positions):
+            return self.model.decode(tokens, positions=positions, caches=caches)
+
+        return TurnPlan(ids, mask, positions, step, [len(new)])
+
+    def finish(self, sessions: Sequence[Session], interactions: list[list[int]], stats: list[TurnStats]) -> None:
+        for session, interaction, stat in zip(sessions, interactions, stats):
+            added = torch.tensor(interaction, dtype=torch.long)
+            session.tensors = {"history": torch.cat([session.tensors["history"], added])}
+            session.turns += 1
+            stat.state_bytes = self.state_bytes(session)
+
+    def state_bytes(self, session: Session) -> int:
+        """KV cache bytes this mode holds between turns."""
+        if self.mode == "cached":
+            return sum(c.nbytes() for c in session.runtime.get("caches", []))
+        tokens = len(self.context(session)) if self.mode != "current" else 0
+        per_token = 2 * self.model.config.n_layers * self.model.config.n_kv_heads * self.model.config.d_head
+        return tokens * per_token * next(self.model.parameters()).element_size()
+
+    def reset(self, session: Session) -> None:
+        session.tensors = {"history": torch.zeros(0, dtype=torch.long)}
+        session.runtime, session.turns, session.stats = {}, 0, []

@@ -1,0 +1,251 @@
+"""Turn-by-turn inference: stream an answer now, write the memory of the finished turn in the background.
+
+    engine = ReactiveEngine(model, tokenizer)
+    session = engine.new_session()
+    for event in engine.stream(session, "Hi, my name is Ada."):
+        ...  # TokenEvent, then AnswerEvent (memory update already running), then MemoryUpdatedEvent
+
+The turn cycle of RxT is ``ReactiveEngine.run_turn``: generate -> (background) encode -> consolidate.
+Baselines (rxt.baselines) share this streaming API through ``ChatEngine``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from rxt.attention import KVCache
+from rxt.generation import SamplingConfig, Step, decode_tokens, left_pad
+from rxt.model import ReactiveTransformer, positions_from_mask
+from rxt.session import Session, SessionStateError, TurnStats
+from rxt.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of the answer; ``text`` is the new printable text (may be empty)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass
+class AnswerEvent:
+    """The answer is complete. For RxT the memory update is already running in the background."""
+
+    text: str
+    token_ids: list[int]
+    stats: TurnStats
+
+
+@dataclass
+class MemoryUpdatedEvent:
+    """The memory now holds the finished turn (RxT only)."""
+
+    turn: int
+    seconds: float
+
+
+Event = TokenEvent | AnswerEvent | MemoryUpdatedEvent
+
+
+@dataclass
+class TurnPlan:
+    """What one engine needs to answer a batch: the prompt and the decoding step."""
+
+    prompt: torch.Tensor  # (B, T) left-padded
+    key_mask: torch.Tensor  # (B, S) over cached + prompt tokens
+    positions: torch.Tensor  # (B, T)
+    step: Step
+    prompt_tokens: list[int]  # tokens read in the prompt phase, per row
+
+
+class ChatEngine:
+    """The shared streaming turn loop. Subclasses say how to prompt and what to keep after a turn."""
+
+    model_type: str
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None = None, device: str | None = None):
+        self.tokenizer = tokenizer or getattr(model, "tokenizer", None)
+        if self.tokenizer is None:
+            raise ValueError("the engine needs a tokenizer: pass one, or load a model directory that has tokenizer.json")
+        self.device = torch.device(device) if device else next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+        self.identity = model.identity()
+
+    # -- what differs between engines -------------------------------------------------------------
+    def new_session(self) -> Session:
+        raise NotImplementedError
+
+    def plan(self, sessions: Sequence[Session], prompts: list[list[int]]) -> TurnPlan:
+        raise NotImplementedError
+
+    def finish(self, sessions: Sequence[Session], interactions: list[list[int]], stats: list[TurnStats]) -> None:
+        """Keep the finished turn (history, cache or memory)."""
+        raise NotImplementedError
+
+    def state_bytes(self, session: Session) -> int:
+        return session.state_bytes()
+
+    # -- shared --------------------------------------------------------------------------------------
+    def check_session(self, session: Session) -> None:
+        if session.model_type != self.model_type or session.model_identity != self.identity:
+            raise SessionStateError(
+                f"session {session.id} was made by a {session.model_type} model {session.model_identity}; "
+                f"this engine runs a {self.model_type} model {self.identity}"
+            )
+
+    def stream(self, session: Session, query: str, sampling: SamplingConfig | None = None) -> Iterator[Event]:
+        """Answer one message: yields TokenEvents, an AnswerEvent and (RxT) a MemoryUpdatedEvent."""
+        yield from self.stream_batch([session], [query], sampling, single=True)
+
+    def interact(self, session: Session, query: str, sampling: SamplingConfig | None = None) -> AnswerEvent:
+        """Answer one message and return as soon as the answer is complete (memory keeps updating)."""
+        return self.interact_batch([session], [query], sampling)[0]
+
+    def interact_batch(
+        self, sessions: Sequence[Session], queries: Sequence[str], sampling: SamplingConfig | None = None
+    ) -> list[AnswerEvent]:
+        answers = []
+        for event in self.stream_batch(sessions, queries, sampling):
+            if isinstance(event, AnswerEvent):
+                answers.append(event)
+                if len(answers) == len(sessions):
+                    return answers
+        return answers
+
+    def stream_batch(
+        self,
+        sessions: Sequence[Session],
+        queries: Sequence[str],
+        sampling: SamplingConfig | None = None,
+        single: bool = False,
+    ) -> Iterator[Event]:
+        """One turn for several sessions in one batched forward (left padding, per-row positions).
+
+        Yields TokenEvents only when ``single``; AnswerEvents in session order; MemoryUpdatedEvent
+        once per session when the background update ends (RxT).
+        """
+        if len(sessions) != len(queries) or not sessions:
+            raise ValueError(f"need one query per session, got {len(queries)} queries for {len(sessions)} sessions")
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise ValueError("a session may appear only once in a batch")
+        sampling = sampling or SamplingConfig()
+        for session in sessions:
+            session.wait()  # the previous turn's memory update; its error surfaces here
+            self.check_session(session)
+        start = time.perf_counter()
+        plan = self.plan(sessions, [self.tokenizer.prompt(q) for q in queries])
+        answers, first_token_s = [[] for _ in sessions], None
+        for token in decode_tokens(plan.step, plan.prompt, plan.key_mask, plan.positions, sampling, self.tokenizer.end_id):
+            first_token_s = first_token_s or time.perf_counter() - start
+            for row, t in enumerate(token.tolist()):
+                if not answers[row] or answers[row][-1] != self.tokenizer.end_id:
+                    answers[row].append(t)
+            if single and answers[0][-1] != self.tokenizer.end_id:
+                yield TokenEvent(answers[0][-1], self._new_text(answers[0]))
+        answer_s = time.perf_counter() - start
+        stats = [self._stats(s, n, a, first_token_s, answer_s) for s, n, a in zip(sessions, plan.prompt_tokens, answers)]
+        prompts = [self.tokenizer.prompt(q) for q in queries]
+        self.finish(sessions, [p + _with_end(a, self.tokenizer.end_id) for p, a in zip(prompts, answers)], stats)
+        for session, answer, stat in zip(sessions, answers, stats):
+            session.stats.append(stat)
+            ids = [t for t in answer if t != self.tokenizer.end_id]
+            yield AnswerEvent(self.tokenizer.decode(ids).strip(), ids, stat)
+        for session, stat in zip(sessions, stats):
+            if session.pending is not None:
+                session.wait()
+                yield MemoryUpdatedEvent(session.turns, stat.memory_update_s or 0.0)
+
+    def _new_text(self, answer: list[int]) -> str:
+        """The text the newest token adds (byte-level BPE may split a character across tokens)."""
+        full, before = self.tokenizer.decode(answer), self.tokenizer.decode(answer[:-1])
+        return "" if full.endswith("\ufffd") else full[len(before):]
+
+    def _stats(self, session: Session, prompt_tokens: int, answer: list[int], ttft: float | None, answer_s: float):
+        return TurnStats(
+            turn=session.turns + 1,
+            prompt_tokens=prompt_tokens,
+            answer_tokens=len(answer),
+            time_to_first_token_s=ttft or answer_s,
+            answer_s=answer_s,
+            tokens_processed=prompt_tokens + len(answer),
+        )
+
+
+class ReactiveEngine(ChatEngine):
+    """RxT inference: the decoder reads the STM through cross-attention K/V projected once per turn;
+    the memory update (encode + consolidate) runs on a background thread after the answer."""
+
+    model_type = "rxt"
+
+    def __init__(self, model: ReactiveTransformer, tokenizer: Tokenizer | None = None, device: str | None = None,
+                 update_delay_s: float = 0.0):
+        super().__init__(model, tokenizer, device)
+        self.update_delay_s = update_delay_s  # tests slow the update down on purpose
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rxt-memory")
+        self._lock = threading.Lock()  # one memory update at a time touches the model
+
+    def new_session(self) -> Session:
+        stm = self.model.initial_memory(1).to(self.device)  # (L, 1, S, D)
+        return Session(self.model_type, self.identity, {"stm": stm})
+
+    def check_session(self, session: Session) -> None:
+        super().check_session(session)
+        expected = tuple(self.model.initial_memory(1).shape)
+        if tuple(session.tensors["stm"].shape) != expected:
+            raise SessionStateError(f"session STM shape {tuple(session.tensors['stm'].shape)} != model's {expected}")
+
+    def plan(self, sessions: Sequence[Session], prompts: list[list[int]]) -> TurnPlan:
+        ids, mask = left_pad(prompts, self.tokenizer.pad_id, self.device)
+        stm = torch.cat([s.tensors["stm"] for s in sessions], dim=1)  # (L, B, S, D)
+        with torch.no_grad():
+            memory_kv = self.model.project_memory(stm)  # once per turn, reused by every step
+        caches = [KVCache() for _ in self.model.decoder.layers]
+
+        def step(tokens: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return self.model.decode(tokens, memory_kv=memory_kv, key_mask=key_mask, positions=positions, caches=caches)
+
+        return TurnPlan(ids, mask, positions_from_mask(mask), step, [len(p) for p in prompts])
+
+    def finish(self, sessions: Sequence[Session], interactions: list[list[int]], stats: list[TurnStats]) -> None:
+        for session, interaction, stat in zip(sessions, interactions, stats):
+            session.turns += 1
+            stat.tokens_processed += len(interaction)  # the memory encoder reads the whole interaction
+            stat.state_bytes = session.state_bytes()
+        future = self._worker.submit(self.run_memory_update, list(sessions), interactions, stats)
+        for session in sessions:
+            session.pending = future
+
+    def run_memory_update(self, sessions: list[Session], interactions: list[list[int]], stats: list[TurnStats]) -> None:
+        """Steps 2-3 of the turn cycle, batched: encode concat(X_t, Y_t), consolidate into STM."""
+        start = time.perf_counter()
+        if self.update_delay_s:
+            time.sleep(self.update_delay_s)
+        ids, mask = left_pad(interactions, self.tokenizer.pad_id, self.device)
+        with self._lock, torch.no_grad():  # grad mode is per thread
+            stm = torch.cat([s.tensors["stm"] for s in sessions], dim=1)
+            new_stm = self.model.update_memory(stm, ids, mask)
+        for row, (session, stat) in enumerate(zip(sessions, stats)):
+            session.tensors = {**session.tensors, "stm": new_stm[:, row : row + 1].clone()}
+            stat.memory_update_s = time.perf_counter() - start
+
+    def reset(self, session: Session) -> None:
+        session.wait()
+        session.tensors = {"stm": self.model.initial_memory(1).to(self.device)}
+        session.turns, session.stats = 0, []
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
+
+
+def _with_end(answer: list[int], end_id: int) -> list[int]:
+    return answer if answer and answer[-1] == end_id else answer + [end_id]
