@@ -44,6 +44,10 @@ class StatelessEngine(ChatEngine):
         self.mode = mode
         self.window_tokens = window_tokens or window_tokens_for(model.config)
 
+    @property
+    def pure_plans(self) -> bool:
+        return self.mode != "cached"
+
     def new_session(self) -> Session:
         return Session(self.model_type, self.identity, {"history": torch.zeros(0, dtype=torch.long)})
 

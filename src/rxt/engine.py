@@ -112,10 +112,14 @@ class ChatEngine:
         return self.interact_batch([session], [query], sampling)[0]
 
     def interact_batch(
-        self, sessions: Sequence[Session], queries: Sequence[str], sampling: SamplingConfig | None = None
+        self,
+        sessions: Sequence[Session],
+        queries: Sequence[str],
+        sampling: SamplingConfig | None = None,
+        remember: bool = True,
     ) -> list[AnswerEvent]:
         answers = []
-        for event in self.stream_batch(sessions, queries, sampling):
+        for event in self.stream_batch(sessions, queries, sampling, remember=remember):
             if isinstance(event, AnswerEvent):
                 answers.append(event)
                 if len(answers) == len(sessions):
@@ -128,12 +132,16 @@ class ChatEngine:
         queries: Sequence[str],
         sampling: SamplingConfig | None = None,
         single: bool = False,
+        remember: bool = True,
     ) -> Iterator[Event]:
         """One turn for several sessions in one batched forward (left padding, per-row positions).
 
         Yields TokenEvents only when ``single``; AnswerEvents in session order; MemoryUpdatedEvent
-        once per session when the background update ends (RxT).
+        once per session when the background update ends (RxT). ``remember=False`` answers without
+        keeping the turn (evaluation: the reference answer is then given to ``observe``).
         """
+        if not remember and not self.pure_plans:
+            raise ValueError(f"{type(self).__name__} cannot answer without remembering the turn")
         if len(sessions) != len(queries) or not sessions:
             raise ValueError(f"need one query per session, got {len(queries)} queries for {len(sessions)} sessions")
         if len({id(s) for s in sessions}) != len(sessions):
@@ -144,20 +152,28 @@ class ChatEngine:
             self.check_session(session)
         start = time.perf_counter()
         plan = self.plan(sessions, [self.tokenizer.prompt(q) for q in queries])
-        answers, first_token_s = [[] for _ in sessions], None
+        answers, first_token_s, shown = [[] for _ in sessions], None, 0  # shown: characters streamed so far
         for token in decode_tokens(plan.step, plan.prompt, plan.key_mask, plan.positions, sampling, self.tokenizer.end_id):
             first_token_s = first_token_s or time.perf_counter() - start
             for row, t in enumerate(token.tolist()):
                 if not answers[row] or answers[row][-1] != self.tokenizer.end_id:
                     answers[row].append(t)
             if single and answers[0][-1] != self.tokenizer.end_id:
-                yield TokenEvent(answers[0][-1], self._new_text(answers[0]))
+                text, shown = self._new_text(answers[0], shown)
+                yield TokenEvent(answers[0][-1], text)
         answer_s = time.perf_counter() - start
+        if single:  # text held back at an incomplete character goes out with the last token
+            ids = [t for t in answers[0] if t != self.tokenizer.end_id]
+            rest, shown = self._new_text(ids, shown, final=True)
+            if rest:
+                yield TokenEvent(ids[-1], rest)
         stats = [self._stats(s, n, a, first_token_s, answer_s) for s, n, a in zip(sessions, plan.prompt_tokens, answers)]
-        prompts = [self.tokenizer.prompt(q) for q in queries]
-        self.finish(sessions, [p + _with_end(a, self.tokenizer.end_id) for p, a in zip(prompts, answers)], stats)
+        if remember:
+            prompts = [self.tokenizer.prompt(q) for q in queries]
+            self.finish(sessions, [p + _with_end(a, self.tokenizer.end_id) for p, a in zip(prompts, answers)], stats)
         for session, answer, stat in zip(sessions, answers, stats):
-            session.stats.append(stat)
+            if remember:
+                session.stats.append(stat)
             ids = [t for t in answer if t != self.tokenizer.end_id]
             yield AnswerEvent(self.tokenizer.decode(ids).strip(), ids, stat)
         for session, stat in zip(sessions, stats):
@@ -165,10 +181,47 @@ class ChatEngine:
                 session.wait()
                 yield MemoryUpdatedEvent(session.turns, stat.memory_update_s or 0.0)
 
-    def _new_text(self, answer: list[int]) -> str:
-        """The text the newest token adds (byte-level BPE may split a character across tokens)."""
-        full, before = self.tokenizer.decode(answer), self.tokenizer.decode(answer[:-1])
-        return "" if full.endswith("\ufffd") else full[len(before):]
+    def observe(self, sessions: Sequence[Session], queries: Sequence[str], answers: Sequence[str]) -> None:
+        """Keep turns whose answers are given, not generated (teacher-forced history)."""
+        for session in sessions:
+            session.wait()
+            self.check_session(session)
+        interactions = [self.tokenizer.interaction(q, a) for q, a in zip(queries, answers)]
+        stats = [self._stats(s, len(i), [], None, 0.0) for s, i in zip(sessions, interactions)]
+        self.finish(sessions, interactions, stats)
+
+    @torch.no_grad()
+    def score(self, sessions: Sequence[Session], queries: Sequence[str], answers: Sequence[str]) -> list[tuple[float, int]]:
+        """Teacher-forced (sum of negative log-likelihood, token count) of each answer + [EOT]."""
+        if not self.pure_plans:
+            raise ValueError(f"{type(self).__name__} cannot score without remembering the turn")
+        for session in sessions:
+            session.wait()
+        targets = [self.tokenizer.encode(" " + a.strip()) + [self.tokenizer.end_id] for a in answers]
+        plan = self.plan(sessions, [self.tokenizer.prompt(q) + t[:-1] for q, t in zip(queries, targets)])
+        logprobs = plan.step(plan.prompt, plan.key_mask, plan.positions).float().log_softmax(-1)  # (B, T, V)
+        results = []
+        for row, target in enumerate(targets):
+            predicted = logprobs[row, -len(target):]  # positions that predict the answer tokens
+            nll = -predicted.gather(1, torch.tensor(target, device=predicted.device)[:, None]).sum()
+            results.append((float(nll), len(target)))
+        return results
+
+    @property
+    def pure_plans(self) -> bool:
+        """Whether plan() leaves the sessions untouched (false for a persistent KV cache)."""
+        return True
+
+    def _new_text(self, answer: list[int], shown: int, final: bool = False) -> tuple[str, int]:
+        """The text not streamed yet, and the new count of streamed characters.
+
+        Byte-level BPE may split a character across tokens: an incomplete one decodes as a trailing
+        U+FFFD and is held back until a later token completes it (or, ``final``, the answer ends).
+        """
+        text = self.tokenizer.decode(answer)
+        if not final:
+            text = text.rstrip("\ufffd")
+        return text[shown:], max(shown, len(text))
 
     def _stats(self, session: Session, prompt_tokens: int, answer: list[int], ttft: float | None, answer_s: float):
         return TurnStats(

@@ -1,0 +1,207 @@
+"""`rxt eval recall`: does the model remember what it was told k turns ago?
+
+Every model hears the same held-out dialogues with the reference answers as history (teacher
+forcing), so one wrong answer does not spoil the turns after it. On each recall question it answers
+greedily; the answer is right when it contains the exact value (a whole word, any case).
+
+Models compared: RxT (its memory), and the stateless baseline reading the full history, the current
+turn only (no memory: the lower bound) and a history window with the RxT memory's footprint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rxt.data.dialogues import Dialogue, generate_dialogues
+from rxt.engine import ChatEngine
+from rxt.generation import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecallReport:
+    hits: dict[str, dict[int, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    asked: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    nll: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    scored_tokens: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    tokens_processed: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    examples: list[dict] = field(default_factory=list)
+
+    def accuracy(self, model: str, distance: int | None = None) -> float:
+        if distance is None:
+            total = sum(self.asked.values())
+            return sum(self.hits[model].values()) / total if total else float("nan")
+        return self.hits[model][distance] / self.asked[distance] if self.asked[distance] else float("nan")
+
+    def perplexity(self, model: str) -> float:
+        return math.exp(self.nll[model] / self.scored_tokens[model]) if self.scored_tokens[model] else float("nan")
+
+    def to_dict(self) -> dict:
+        models = list(self.nll)
+        return {
+            "by_distance": {d: {m: self.accuracy(m, d) for m in models} for d in sorted(self.asked)},
+            "questions_by_distance": {d: self.asked[d] for d in sorted(self.asked)},
+            "overall": {m: self.accuracy(m) for m in models},
+            "perplexity": {m: self.perplexity(m) for m in models},
+            "tokens_processed": dict(self.tokens_processed),
+            "examples": self.examples[:20],
+        }
+
+
+def is_correct(answer: str, value: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(value)}(?!\w)", answer, flags=re.IGNORECASE) is not None
+
+
+def evaluate_recall(
+    engines: dict[str, ChatEngine],
+    dialogues: Sequence[Dialogue],
+    batch_size: int = 32,
+    max_new_tokens: int = 24,
+    progress: bool = True,
+) -> RecallReport:
+    """Run every engine over the dialogues, batch by batch and turn by turn."""
+    report = RecallReport()
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+    batches = [dialogues[i : i + batch_size] for i in range(0, len(dialogues), batch_size)]
+    bar = tqdm(total=len(batches) * len(engines), desc="recall eval", disable=not progress)
+    for batch in batches:
+        for d in batch:
+            for turn in d.turns:
+                if turn.check:
+                    report.asked[turn.check["distance"]] += 1
+        for name, engine in engines.items():
+            _run_batch(name, engine, batch, sampling, report)
+            bar.update()
+    bar.close()
+    return report
+
+
+def _run_batch(name: str, engine: ChatEngine, batch: Sequence[Dialogue], sampling: SamplingConfig,
+               report: RecallReport) -> None:
+    sessions = [engine.new_session() for _ in batch]
+    for t in range(max(len(d.turns) for d in batch)):
+        active = [(s, d.turns[t]) for s, d in zip(sessions, batch) if t < len(d.turns)]
+        live, turns = [s for s, _ in active], [turn for _, turn in active]
+        queries, answers = [x.query for x in turns], [x.answer for x in turns]
+        asking = [(s, x) for s, x in active if x.check]
+        if asking:
+            replies = engine.interact_batch([s for s, _ in asking], [x.query for _, x in asking], sampling, remember=False)
+            for (_, turn), reply in zip(asking, replies):
+                right = is_correct(reply.text, turn.check["value"])
+                report.hits[name][turn.check["distance"]] += right
+                if len(report.examples) < 200:
+                    report.examples.append({"model": name, "query": turn.query, "answer": reply.text,
+                                            "value": turn.check["value"], "distance": turn.check["distance"],
+                                            "correct": right})
+        for (nll, count), stat_tokens in zip(engine.score(live, queries, answers), _prompt_tokens(engine, live, queries)):
+            report.nll[name] += nll
+            report.scored_tokens[name] += count
+            report.tokens_processed[name] += stat_tokens + count
+        if engine.model_type == "rxt":  # the memory encoder reads every interaction
+            report.tokens_processed[name] += sum(len(engine.tokenizer.interaction(q, a)) for q, a in zip(queries, answers))
+        engine.observe(live, queries, answers)
+    for session in sessions:
+        session.wait()
+
+
+def _prompt_tokens(engine: ChatEngine, sessions, queries) -> list[int]:
+    return [len(engine.context(s)) + len(engine.tokenizer.prompt(q)) if hasattr(engine, "context")
+            else len(engine.tokenizer.prompt(q)) for s, q in zip(sessions, queries)]
+
+
+def build_engines(rxt_dir: str | None, baseline_dir: str | None, device: str = "cpu") -> dict[str, ChatEngine]:
+    from rxt.baselines import StatelessEngine
+    from rxt.engine import ReactiveEngine
+    from rxt.model import ReactiveTransformer, StatelessLM
+
+    engines: dict[str, ChatEngine] = {}
+    if rxt_dir:
+        engines["rxt"] = ReactiveEngine(ReactiveTransformer.from_pretrained(rxt_dir), device=device)
+    if baseline_dir:
+        baseline = StatelessLM.from_pretrained(baseline_dir)
+        window = None
+        if rxt_dir:  # equal state size: the window holds as many numbers as the RxT memory
+            from rxt.baselines import window_tokens_for
+
+            window = window_tokens_for(engines["rxt"].model.config)
+        for mode, label in (("full", "stateless"), ("current", "current_turn"), ("window", "window")):
+            engines[label] = StatelessEngine(baseline, device=device, mode=mode, window_tokens=window)
+    if not engines:
+        raise ValueError("give --model (an RxT directory) and/or --baseline (a stateless directory)")
+    return engines
+
+
+def print_table(report: RecallReport) -> None:
+    data = report.to_dict()
+    models = list(data["overall"])
+    print(f"{'distance':>8} {'n':>5} " + " ".join(f"{m:>13}" for m in models))
+    for d, row in data["by_distance"].items():
+        print(f"{d:>8} {data['questions_by_distance'][d]:>5} " + " ".join(f"{row[m]:>13.1%}" for m in models))
+    print(f"{'all':>8} {sum(report.asked.values()):>5} " + " ".join(f"{data['overall'][m]:>13.1%}" for m in models))
+    print(f"{'ppl':>14} " + " ".join(f"{data['perplexity'][m]:>13.3f}" for m in models))
+    print(f"{'tokens':>14} " + " ".join(f"{data['tokens_processed'][m]:>13,}" for m in models))
+
+
+def plot(report: RecallReport, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = report.to_dict()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for model in data["overall"]:
+        distances = list(data["by_distance"])
+        ax.plot(distances, [data["by_distance"][d][model] for d in distances], marker="o", label=model)
+    ax.set(xlabel="turns since the fact was told", ylabel="recall accuracy", ylim=(0, 1.02),
+           title="Memory recall on held-out dialogues")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="RxT model directory")
+    parser.add_argument("--baseline", help="stateless baseline model directory")
+    parser.add_argument("--data", help="dialogue JSONL with check fields (default: synthetic held-out split)")
+    parser.add_argument("--dialogues", type=int, default=200, help="synthetic held-out dialogues to generate")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--plot", help="write an accuracy-by-distance PNG here")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.data:
+        from rxt.data.jsonl import read_dialogues
+
+        dialogues = read_dialogues(args.data)
+    else:
+        dialogues = generate_dialogues(args.dialogues, seed=args.seed, split="heldout")
+    engines = build_engines(args.model, args.baseline, args.device)
+    report = evaluate_recall(engines, dialogues, args.batch_size, args.max_new_tokens)
+    print_table(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if args.plot:
+        plot(report, args.plot)
+    return 0
