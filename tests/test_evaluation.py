@@ -1,0 +1,71 @@
+"""Recall evaluation: scoring rules, report schema, and the engines' teacher-forced helpers."""
+
+import json
+
+import pytest
+import torch
+
+from rxt import ModelConfig, ReactiveTransformer, StatelessLM
+from rxt.baselines import StatelessEngine
+from rxt.data.dialogues import generate_dialogues
+from rxt.engine import ReactiveEngine
+from rxt.evaluation.recall import evaluate_recall, is_correct
+from rxt.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def engines():
+    texts = [x for d in generate_dialogues(100) for t in d.turns for x in (t.query, t.answer)]
+    tokenizer = Tokenizer.train(texts, vocab_size=400)
+    config = ModelConfig.from_name("tiny", vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(0)
+    rxt, base = ReactiveTransformer(config), StatelessLM(config)
+    return {
+        "rxt": ReactiveEngine(rxt, tokenizer),
+        "stateless": StatelessEngine(base, tokenizer),
+        "current_turn": StatelessEngine(base, tokenizer, mode="current"),
+        "window": StatelessEngine(base, tokenizer, mode="window"),
+    }
+
+
+def test_is_correct_matches_whole_words_only():
+    assert is_correct("Your name is Ada.", "ada")
+    assert not is_correct("Your name is Adam.", "Ada")
+    assert is_correct("You are 42 years old", "42") and not is_correct("You are 142", "42")
+
+
+def test_report_counts_every_question_and_tokens_follow_the_cost_model(engines):
+    dialogues = generate_dialogues(4, seed=3, split="heldout")
+    report = evaluate_recall(engines, dialogues, batch_size=2, max_new_tokens=4, progress=False).to_dict()
+    asked = sum(1 for d in dialogues for t in d.turns if t.check)
+    assert sum(report["questions_by_distance"].values()) == asked
+    assert set(report["perplexity"]) == set(engines)
+    tokens = report["tokens_processed"]
+    assert tokens["current_turn"] < tokens["window"] < tokens["stateless"]  # history re-read costs
+    assert tokens["rxt"] == 2 * tokens["current_turn"]  # decoder + memory encoder read each turn once
+    json.dumps(report)
+
+
+def test_score_matches_a_manual_teacher_forced_loss(engines):
+    engine = engines["rxt"]
+    session = engine.new_session()
+    (nll, count), = engine.score([session], ["What is my name?"], ["Your name is Ada."])
+    tok = engine.tokenizer
+    ids = tok.interaction("What is my name?", "Your name is Ada.")
+    logits = engine.model.decode(torch.tensor([ids]), stm=session.tensors["stm"]).log_softmax(-1)[0]
+    n_prompt = len(tok.prompt("What is my name?"))
+    targets = torch.tensor(ids[n_prompt:])
+    manual = -logits[n_prompt - 1 : -1].gather(1, targets[:, None]).sum()
+    assert count == len(targets)
+    torch.testing.assert_close(torch.tensor(nll), manual, rtol=1e-4, atol=1e-4)
+
+
+def test_answering_without_remembering_leaves_the_session_as_it_was(engines):
+    engine = engines["rxt"]
+    session = engine.new_session()
+    engine.observe([session], ["Hi, my name is Ada."], ["Nice to meet you, Ada."])
+    session.wait()
+    before = session.tensors["stm"].clone()
+    engine.interact_batch([session], ["What is my name?"], remember=False)
+    session.wait()
+    assert session.turns == 1 and torch.equal(before, session.tensors["stm"])

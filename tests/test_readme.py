@@ -1,0 +1,20 @@
+"""The README's Python example runs as written, and the README opens with the two commands."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_opens_with_the_two_commands():
+    head = README.read_text().splitlines()[:8]
+    assert any("make demo" in line for line in head) and any("make test" in line for line in head)
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    assert blocks, "README has no python example"
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block.replace("/tmp/", f"{tmp_path}/"), "README.md", "exec"), {})
+    assert (tmp_path / "ada.rxt").is_file()
