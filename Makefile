@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(PY) -m rxt.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -61,9 +61,11 @@ class ResidualGate(nn.Module):
     def __init__(self, slots: int, mode: str, activation: str):
         super().__init__()
         self.mode, self.activation = mode, activation
-        self.weight = nn.Parameter(torch.full((slots, 1), 1.0 if mode == "elementwise" else 0.0))
-        self.bias = nn.Parameter(torch.zeros(slots, 1))
-        self.linear = nn.Linear(slots, slots) if mode == "linear" else None
+        gated = activation != "none"  # "none" just adds the update: nothing to learn
+        per_slot = gated and mode != "linear"  # only the parameters the mode reads, so each gets a gradient
+        self.weight = nn.Parameter(torch.full((slots, 1), 1.0 if mode == "elementwise" else 0.0)) if per_slot else None
+        self.bias = nn.Parameter(torch.zeros(slots, 1)) if per_slot else None
+        self.linear = nn.Linear(slots, slots) if gated and mode == "linear" else None
 
     def gate_logits(self, old: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         if self.mode == "static":

@@ -40,23 +40,47 @@ Record = dict[str, Any]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--variants", nargs="+", choices=sorted(ATTENTION_VARIANTS), default=list(DEFAULT_VARIANTS),
-                        help="variants to time; mha is always added as the baseline")
-    parser.add_argument("--seq-lens", nargs="+", type=int, default=[1024, 4096, 16384], help="sequence lengths T")
-    parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES),
-                        help="fwd: forward only (no autograd); fwdbwd: forward + backward")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=sorted(ATTENTION_VARIANTS),
+        default=list(DEFAULT_VARIANTS),
+        help="variants to time; mha is always added as the baseline",
+    )
+    parser.add_argument(
+        "--seq-lens", nargs="+", type=int, default=[1024, 4096, 16384], help="sequence lengths T"
+    )
+    parser.add_argument(
+        "--passes",
+        nargs="+",
+        choices=PASSES,
+        default=list(PASSES),
+        help="fwd: forward only (no autograd); fwdbwd: forward + backward",
+    )
     parser.add_argument("--d-model", type=int, default=256, help="model width D")
     parser.add_argument("--n-heads", type=int, default=16, help="H of the MHA baseline; d_head = D / H")
     parser.add_argument("--batch", type=int, default=1, help="batch size B")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant; the median is reported")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed calls per variant; the median is reported"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per variant before timing")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = PyTorch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (0 = PyTorch's default)"
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--causal", action="store_true", help="causal self-attention (default: bidirectional)")
-    parser.add_argument("--rope", choices=("none", "qk"), default="none",
-                        help="rotate queries and keys (adds elementwise work the FLOP count leaves out)")
-    parser.add_argument("--json", type=Path, help="write one record per (variant, seq_len, pass) to this file")
+    parser.add_argument(
+        "--causal", action="store_true", help="causal self-attention (default: bidirectional)"
+    )
+    parser.add_argument(
+        "--rope",
+        choices=("none", "qk"),
+        default="none",
+        help="rotate queries and keys (adds elementwise work the FLOP count leaves out)",
+    )
+    parser.add_argument(
+        "--json", type=Path, help="write one record per (variant, seq_len, pass) to this file"
+    )
     parser.add_argument("--plot", type=Path, help="draw measured speed-up vs MHA against T to this PNG")
 
 
@@ -147,7 +171,9 @@ def measure(args: argparse.Namespace) -> list[Record]:
     return records
 
 
-def case_records(args: argparse.Namespace, times: dict[str, list[float]], seq_len: int, pass_: str) -> list[Record]:
+def case_records(
+    args: argparse.Namespace, times: dict[str, list[float]], seq_len: int, pass_: str
+) -> list[Record]:
     """Records of one (seq_len, pass): timings, measured speed-up and FLOP ratios against MHA."""
     d, h = args.d_model, args.n_heads
     mha_flops = attention_flops(d, h, h, h, seq_len)
@@ -157,16 +183,28 @@ def case_records(args: argparse.Namespace, times: dict[str, list[float]], seq_le
         n_q, n_kv = variant_heads(variant, h)
         flops = attention_flops(d, h, n_q, n_kv, seq_len)
         summary = summarize(seconds)
-        records.append({
-            "variant": variant, "n_q_heads": n_q, "n_kv_heads": n_kv, "seq_len": seq_len, "pass": pass_,
-            **summary,
-            "speedup_vs_mha": mha_median / summary["median_s"],
-            "flops_ratio_vs_mha": mha_flops["total"] / flops["total"],
-            "core_flops_ratio_vs_mha": mha_flops["core"] / flops["core"],
-            "threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype,
-            "d_model": d, "n_heads": h, "batch": args.batch, "causal": args.causal, "rope": args.rope,
-            "repeats": len(seconds),
-        })
+        records.append(
+            {
+                "variant": variant,
+                "n_q_heads": n_q,
+                "n_kv_heads": n_kv,
+                "seq_len": seq_len,
+                "pass": pass_,
+                **summary,
+                "speedup_vs_mha": mha_median / summary["median_s"],
+                "flops_ratio_vs_mha": mha_flops["total"] / flops["total"],
+                "core_flops_ratio_vs_mha": mha_flops["core"] / flops["core"],
+                "threads": torch.get_num_threads(),
+                "device": args.device,
+                "dtype": args.dtype,
+                "d_model": d,
+                "n_heads": h,
+                "batch": args.batch,
+                "causal": args.causal,
+                "rope": args.rope,
+                "repeats": len(seconds),
+            }
+        )
     return records
 
 
@@ -181,17 +219,42 @@ def format_header(args: argparse.Namespace, machine: str) -> str:
 
 def format_table(records: list[Record]) -> str:
     """A plain-text table: one row per record, speed-up next to the FLOP ratios."""
-    header = ("variant", "H_q", "H_kv", "seq_len", "pass", "median ms", "min-max ms", "speed-up", "FLOPs ratio", "core ratio")
+    header = (
+        "variant",
+        "H_q",
+        "H_kv",
+        "seq_len",
+        "pass",
+        "median ms",
+        "min-max ms",
+        "speed-up",
+        "FLOPs ratio",
+        "core ratio",
+    )
     rows = [header]
     for r in records:
-        rows.append((
-            r["variant"], str(r["n_q_heads"]), str(r["n_kv_heads"]), str(r["seq_len"]), r["pass"],
-            f"{r['median_s'] * 1e3:.2f}", f"{r['min_s'] * 1e3:.2f}-{r['max_s'] * 1e3:.2f}",
-            f"{r['speedup_vs_mha']:.2f}x", f"{r['flops_ratio_vs_mha']:.2f}x", f"{r['core_flops_ratio_vs_mha']:.2f}x",
-        ))
+        rows.append(
+            (
+                r["variant"],
+                str(r["n_q_heads"]),
+                str(r["n_kv_heads"]),
+                str(r["seq_len"]),
+                r["pass"],
+                f"{r['median_s'] * 1e3:.2f}",
+                f"{r['min_s'] * 1e3:.2f}-{r['max_s'] * 1e3:.2f}",
+                f"{r['speedup_vs_mha']:.2f}x",
+                f"{r['flops_ratio_vs_mha']:.2f}x",
+                f"{r['core_flops_ratio_vs_mha']:.2f}x",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in enumerate(zip(row, widths, strict=True)))
-             for row in rows]
+    lines = [
+        "  ".join(
+            cell.rjust(width) if i else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
@@ -219,9 +282,18 @@ def _plot_pass(ax: Any, records: list[Record], pass_: str) -> None:
         ax.plot([r["seq_len"] for r in rows], [r["speedup_vs_mha"] for r in rows], marker="o", label=variant)
     for ratio in sorted({r["n_heads"] / r["n_q_heads"] for r in records}):
         ax.axhline(ratio, color="grey", linestyle="--", linewidth=1)
-        ax.annotate(f"H/H_q = {ratio:g}", (0.01, ratio), xycoords=("axes fraction", "data"),
-                    fontsize=8, color="grey", va="bottom")
+        ax.annotate(
+            f"H/H_q = {ratio:g}",
+            (0.01, ratio),
+            xycoords=("axes fraction", "data"),
+            fontsize=8,
+            color="grey",
+            va="bottom",
+        )
     ax.set_xscale("log")
+    seq_lens = sorted({r["seq_len"] for r in records})
+    ax.set_xticks(seq_lens, [str(t) for t in seq_lens])
+    ax.minorticks_off()
     ax.set_xlabel("sequence length T")
     ax.set_ylabel("speed-up vs MHA (median)")
     ax.set_title("forward + backward" if pass_ == "fwdbwd" else "forward")
