@@ -83,14 +83,14 @@ def decode_tokens(
     logits = step(prompt, key_mask, positions)[:, -1]  # prefill: (B, V)
     seen, done = prompt, torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     next_position = positions[:, -1] + 1
-    for _ in range(config.max_new_tokens):
+    for index in range(config.max_new_tokens):
         token = sample_next(logits, config, seen, generator)
         if stop_id is not None:
             token = torch.where(done, torch.full_like(token, stop_id), token)
             done = done | (token == stop_id)
         yield token
-        if bool(done.all()):
-            return
+        if bool(done.all()) or index == config.max_new_tokens - 1:
+            return  # the last token is not fed back: no one would read the logits it gives
         seen = torch.cat([seen, token[:, None]], dim=1)
         key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], dim=1)
         logits = step(token[:, None], key_mask, next_position[:, None])[:, -1]

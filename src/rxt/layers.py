@@ -113,9 +113,12 @@ class DecoderLayer(nn.Module):
     def project_memory(self, stm_layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of one STM layer (B, S, D) for memory cross-attention; computed once per turn.
 
-        No RoPE on memory keys: slots are an unordered set.
+        No RoPE on memory keys: slots are an unordered set. The slots are RMS-normalised first
+        (no learned weight): the STM's scale is set by the residual gate, not by the decoder, and an
+        unnormalised read lets a small memory be drowned out (the decoder then ignores it).
         """
-        return self.memory_cross_attention.project_kv(stm_layer)
+        normed = F.rms_norm(stm_layer, (stm_layer.shape[-1],), eps=self.memory_norm.eps)
+        return self.memory_cross_attention.project_kv(normed)
 
 
 class EncoderLayer(nn.Module):

@@ -6,6 +6,7 @@ carries the model's identity and the tensors' shapes, so state is refused by a m
 
 from __future__ import annotations
 
+import copy
 import json
 import secrets
 import time
@@ -93,20 +94,25 @@ class Session:
             header = _read_header(data)
         except (SafetensorError, ValueError, KeyError, json.JSONDecodeError) as error:
             raise SessionStateError(f"session state is truncated or corrupt: {error}") from error
-        if header.get("format") != FORMAT_VERSION:
-            raise SessionStateError(f"unsupported session format {header.get('format')!r}")
+        if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
+            found = header.get("format") if isinstance(header, dict) else header
+            raise SessionStateError(f"unsupported session format {found!r}")
+        try:
+            shapes = dict(header["shapes"])
+            fields = dict(
+                model_type=str(header["model_type"]),
+                model_identity=str(header["model_identity"]),
+                turns=int(header["turns"]),
+                id=str(header["id"]),
+                created=float(header["created"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise SessionStateError(f"session header is incomplete or malformed: {error!r}") from error
         for name, tensor in tensors.items():
-            if list(tensor.shape) != header["shapes"].get(name):
+            if list(tensor.shape) != shapes.get(name):
                 raise SessionStateError(f"session tensor {name} has shape {list(tensor.shape)}, header says "
-                                        f"{header['shapes'].get(name)}")
-        return cls(
-            model_type=header["model_type"],
-            model_identity=header["model_identity"],
-            tensors={name: t.to(device) for name, t in tensors.items()},
-            turns=int(header["turns"]),
-            id=header["id"],
-            created=float(header["created"]),
-        )
+                                        f"{shapes.get(name)}")
+        return cls(tensors={name: t.to(device) for name, t in tensors.items()}, **fields)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> Session:
@@ -118,7 +124,7 @@ class Session:
     def fork(self) -> Session:
         """A new, independent conversation that starts from this one's state."""
         self.wait()
-        runtime = {k: v.clone() if hasattr(v, "clone") else v for k, v in self.runtime.items()}
+        runtime = copy.deepcopy(self.runtime)  # e.g. a list of KV caches: the fork must not append to the parent's
         return Session(
             model_type=self.model_type,
             model_identity=self.model_identity,
