@@ -1,0 +1,395 @@
+"""`rxt serve`: an OpenAI-compatible chat server whose sessions keep their memory (the STM) in a store.
+
+    rxt serve --model models/nano/rxt --store sqlite:///sessions.db --port 8000 --api-key KEY
+
+Endpoints (docs/serving.md): POST /v1/chat/completions (SSE with ``stream: true``), GET /v1/models,
+/v1/sessions (create, inspect, reset, delete, export and import state), GET /health, GET /metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import anyio
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rxt.engine import AnswerEvent, ReactiveEngine, TokenEvent
+from rxt.serve.auth import ApiKeys
+from rxt.serve.errors import APIError, bad_request, error_body, not_found
+from rxt.serve.metrics import CONTENT_TYPE, ServerMetrics
+from rxt.serve.schemas import (
+    ChatCompletionRequest,
+    chunk,
+    completion,
+    completion_id,
+    parse_chat_request,
+    sse,
+    usage,
+)
+from rxt.serve.service import ChatService, ServeSettings, Turn
+from rxt.serve.store import SessionStore, StoreUnavailable, open_store
+
+log = logging.getLogger(__name__)
+
+DELAY_ENV = "RXT_MEMORY_UPDATE_DELAY_S"  # test hook: slow every memory update down by this many seconds
+KEYS_ENV = "RXT_API_KEYS"  # comma-separated keys, kept out of the process list
+
+
+def create_app(engine: ReactiveEngine, store: SessionStore, settings: ServeSettings,
+               api_keys: Sequence[str] = ()) -> FastAPI:
+    metrics = ServerMetrics()
+    service = ChatService(engine, store, settings, metrics)
+    metrics.add_gauge("rxt_active_sessions", "Sessions with a request running or queued in this process.",
+                      lambda: service.locks.held())
+    metrics.add_gauge("rxt_stored_sessions", "Sessions in the store (absent while the store is down).",
+                      lambda: _or_none(store.count))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await service.drain()  # turns answered but not yet remembered get written first
+        service.close()
+
+    app = FastAPI(title="rxt", summary="Reactive Transformer chat server", lifespan=lifespan)
+    app.state.service, app.state.keys, app.state.metrics = service, ApiKeys(api_keys), metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    _add_error_handlers(app)
+    _add_routes(app)
+    return app
+
+
+def _or_none(read):
+    try:
+        return read()
+    except StoreUnavailable:
+        return None
+
+
+class MetricsMiddleware:
+    """Counts every response by route template and status, and times it to the response headers."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+
+        async def send_and_count(message):
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", "unmatched")
+                self.metrics.requests.inc(method=scope["method"], route=route, status=str(message["status"]))
+                self.metrics.request_seconds.observe(time.perf_counter() - start, route=route)
+            await send(message)
+
+        await self.app(scope, receive, send_and_count)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_down(request: Request, error: StoreUnavailable) -> JSONResponse:
+        log.warning("store unavailable: %s", error)
+        return JSONResponse(store_error(error).body(), status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {"loc": (), "msg": str(error)}
+        where = ".".join(str(p) for p in first["loc"])
+        return JSONResponse(error_body(f"{where}: {first['msg']}", "invalid_value", param=where), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return JSONResponse(error_body(str(error.detail), code), status_code=error.status_code,
+                            headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal server error", "internal_error", "server_error"), status_code=500)
+
+
+def store_error(error: StoreUnavailable) -> APIError:
+    return APIError(503, f"the session store is unavailable ({error}); retry shortly", "store_unavailable",
+                    type_="server_error", headers={"Retry-After": "1"})
+
+
+# -- request helpers ----------------------------------------------------------------------------------
+def _service(request: Request) -> ChatService:
+    return request.app.state.service
+
+
+def _owner(request: Request) -> str:
+    return request.app.state.keys.owner(request.headers.get("authorization"))
+
+
+async def read_body(request: Request, limit: int, what: str = "--max-body-bytes") -> bytes:
+    """The whole body, or 413 as soon as it is known to pass ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise bad_request("invalid Content-Length header", "invalid_header")
+        if int(declared) > limit:
+            raise _too_large(int(declared), limit, what)
+    chunks, size = [], 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size > limit:
+            raise _too_large(size, limit, what)
+        chunks.append(piece)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int, what: str) -> APIError:
+    return APIError(413, f"the request body is {size} bytes or more; the limit is {limit} bytes ({what})",
+                    "request_too_large")
+
+
+def _session_id(request: Request, body_value: str | None) -> str | None:
+    header = request.headers.get("x-session-id")
+    if header is not None and body_value is not None and header != body_value:
+        raise bad_request("the X-Session-Id header and the session_id field name different sessions",
+                          "conflicting_session_id", param="session_id")
+    return body_value if body_value is not None else header
+
+
+def _check_model(service: ChatService, name: str | None) -> None:
+    if name is not None and name not in (service.settings.model_name, service.engine.identity):
+        raise not_found(f"this server serves the model {service.settings.model_name!r}, not {name!r}",
+                        "model_not_found")
+
+
+def _model_card(service: ChatService) -> dict:
+    return {"id": service.settings.model_name, "object": "model", "created": 0, "owned_by": "rxt",
+            "identity": service.engine.identity, "max_seq_len": service.engine.model.config.max_seq_len}
+
+
+# -- routes ----------------------------------------------------------------------------------------------
+def _add_routes(app: FastAPI) -> None:
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        service = _service(request)
+        body = {"status": "ok", "model": service.settings.model_name, "model_identity": service.engine.identity,
+                "store": "ok"}
+        try:
+            await anyio.to_thread.run_sync(service.store.ping)
+        except StoreUnavailable as error:
+            return JSONResponse({**body, "status": "degraded", "store": f"unavailable: {error}"}, status_code=503)
+        return JSONResponse(body)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        text = await anyio.to_thread.run_sync(request.app.state.metrics.render)
+        return Response(text, media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        _owner(request)
+        return {"object": "list", "data": [_model_card(_service(request))]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(request: Request, model_id: str) -> dict:
+        _owner(request)
+        _check_model(_service(request), model_id)
+        return _model_card(_service(request))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        started = time.perf_counter()
+        owner, service = _owner(request), _service(request)
+        chat = parse_chat_request(await read_body(request, service.settings.max_body_bytes))
+        _check_model(service, chat.model)
+        query = chat.query()
+        sampling, prompt_tokens = service.sampling(chat, query)
+        session_id = _session_id(request, chat.session_id)
+        turn = await service.start_turn(session_id, owner, query, sampling, prompt_tokens, started)
+        headers = {"X-Session-Id": turn.session_id}
+        if chat.stream:
+            return StreamingResponse(stream_answer(turn, chat, service), media_type="text/event-stream",
+                                     headers={**headers, "Cache-Control": "no-cache"})
+        answer = await turn.answer()
+        body = completion(completion_id(), service.settings.model_name, service.engine.identity, turn.session_id,
+                          answer.text, finish_reason(answer), answer.stats.prompt_tokens, answer.stats.answer_tokens)
+        return JSONResponse(body, headers=headers)
+
+    @app.post("/v1/sessions", status_code=201)
+    async def create_session(request: Request) -> JSONResponse:
+        info = await _service(request).create(_owner(request))
+        return JSONResponse(info, status_code=201, headers={"X-Session-Id": info["id"]})
+
+    @app.post("/v1/sessions/import", status_code=201)
+    async def import_session(request: Request) -> JSONResponse:
+        owner, service = _owner(request), _service(request)
+        data = await read_body(request, service.settings.max_state_bytes, "--max-state-bytes")
+        info = await service.import_state(owner, data)
+        return JSONResponse(info, status_code=201, headers={"X-Session-Id": info["id"]})
+
+    @app.get("/v1/sessions/{session_id}")
+    async def inspect_session(request: Request, session_id: str) -> dict:
+        return await _service(request).inspect(session_id, _owner(request))
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(request: Request, session_id: str) -> dict:
+        await _service(request).delete(session_id, _owner(request))
+        return {"id": session_id, "object": "session.deleted", "deleted": True}
+
+    @app.post("/v1/sessions/{session_id}/reset")
+    async def reset_session(request: Request, session_id: str) -> dict:
+        return await _service(request).reset(session_id, _owner(request))
+
+    @app.get("/v1/sessions/{session_id}/state")
+    async def export_session(request: Request, session_id: str) -> Response:
+        data = await _service(request).export_state(session_id, _owner(request))
+        return Response(data, media_type="application/octet-stream", headers={
+            "Content-Disposition": f'attachment; filename="{session_id}.safetensors"'})
+
+    @app.put("/v1/sessions/{session_id}/state")
+    async def replace_session_state(request: Request, session_id: str) -> dict:
+        owner, service = _owner(request), _service(request)
+        data = await read_body(request, service.settings.max_state_bytes, "--max-state-bytes")
+        return await service.import_state(owner, data, session_id)
+
+
+def finish_reason(answer: AnswerEvent) -> str:
+    """'stop' when the model ended the answer itself ([EOT]), 'length' when max_tokens cut it."""
+    return "stop" if answer.stats.answer_tokens > len(answer.token_ids) else "length"
+
+
+async def stream_answer(turn: Turn, chat: ChatCompletionRequest, service: ChatService) -> AsyncIterator[bytes]:
+    """SSE: a role chunk, one chunk per piece of text, a finish chunk, (usage), then [DONE]."""
+    id_, model, fingerprint = completion_id(), service.settings.model_name, service.engine.identity
+
+    def make(delta: dict | None, finish: str | None = None, usage_: dict | None = None) -> bytes:
+        return sse(chunk(id_, model, fingerprint, turn.session_id, delta, finish, usage_))
+
+    finished, text_started = False, False
+    try:
+        yield make({"role": "assistant", "content": ""})
+        while True:
+            try:
+                event = await turn.next()
+            except Exception as error:  # headers are sent: the error goes in the stream
+                body = (error if isinstance(error, APIError) else
+                        store_error(error) if isinstance(error, StoreUnavailable) else
+                        APIError(500, "internal server error", "internal_error", "server_error")).body()
+                yield sse(body)
+                break
+            if isinstance(event, TokenEvent):
+                text = event.text if text_started else event.text.lstrip()  # as the non-stream answer
+                if text:
+                    text_started = True
+                    yield make({"content": text})
+                continue
+            yield make({}, finish_reason(event))
+            if chat.stream_options is not None and chat.stream_options.include_usage:
+                yield make(None, usage_=usage(event.stats.prompt_tokens, event.stats.answer_tokens))
+            break
+        yield sse("[DONE]")
+        finished = True
+    finally:
+        if not finished:
+            turn.cancelled.set()  # the client left mid-answer: stop generating, remember nothing
+
+
+# -- command line -----------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="RxT model directory (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("--store", default="sqlite:///rxt_sessions.db",
+                        help="sqlite:///path.db (default sqlite:///rxt_sessions.db), sqlite:///:memory: or redis://host:port/db")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                        help=f"accept this bearer key (repeatable; also ${KEYS_ENV}, comma-separated); none: auth off")
+    parser.add_argument("--model-name", help="the model id clients send (default: the directory's name)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    defaults = ServeSettings(model_name="")
+    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    parser.add_argument("--max-state-bytes", type=int, default=None, help="largest imported session state")
+    parser.add_argument("--max-message-chars", type=int, default=defaults.max_message_chars)
+    parser.add_argument("--max-tokens-limit", type=int, default=defaults.max_tokens_limit)
+    parser.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens)
+    parser.add_argument("--lock-ttl-s", type=float, default=defaults.lock_ttl_s,
+                        help="a session lock left by a killed server frees itself after this")
+    parser.add_argument("--session-wait-s", type=float, default=defaults.session_wait_s)
+    parser.add_argument("--model-threads", type=int, default=None,
+                        help="turns generated at the same time (default: 1 on CPU, where PyTorch already uses "
+                             f"every core for one turn; {defaults.model_threads} on GPU)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    for name in ("max_body_bytes", "max_message_chars", "max_tokens_limit", "default_max_tokens", "lock_ttl_s",
+                 "session_wait_s"):
+        if getattr(args, name) <= 0:
+            return _fail(f"--{name.replace('_', '-')} must be > 0")
+    if args.model_threads is not None and args.model_threads < 1:
+        return _fail("--model-threads must be >= 1")
+
+    from rxt.model import ReactiveTransformer, load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = load_model(args.model, device)
+    except (FileNotFoundError, ValueError) as error:
+        return _fail(f"cannot load {args.model}: {error}")
+    if not isinstance(model, ReactiveTransformer):
+        return _fail(f"{args.model} is a {model.model_type} model; rxt serve only serves RxT models "
+                     "(their whole conversation state is a fixed-size memory)")
+    if model.tokenizer is None:
+        return _fail(f"{args.model} has no tokenizer.json")
+    try:
+        store = open_store(args.store)
+    except ValueError as error:
+        return _fail(str(error))
+    try:
+        delay_s = float(os.environ.get(DELAY_ENV) or 0)
+    except ValueError:
+        return _fail(f"{DELAY_ENV} must be a number of seconds, got {os.environ[DELAY_ENV]!r}")
+    engine = ReactiveEngine(model, update_delay_s=delay_s)
+    settings = ServeSettings(
+        model_name=args.model_name or Path(args.model).resolve().name,
+        max_body_bytes=args.max_body_bytes, max_state_bytes=args.max_state_bytes,
+        max_message_chars=args.max_message_chars, max_tokens_limit=args.max_tokens_limit,
+        default_max_tokens=args.default_max_tokens, lock_ttl_s=args.lock_ttl_s,
+        session_wait_s=args.session_wait_s,
+        model_threads=args.model_threads or (1 if engine.device.type == "cpu" else ServeSettings.model_threads),
+    )
+    keys = list(args.api_key) + [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
+    if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("auth is off (no --api-key) and the server listens on %s: anyone who reaches it can chat",
+                    args.host)
+    app = create_app(engine, store, settings, keys)
+    log.info("serving %s (identity %s) on http://%s:%d, store %s, auth %s", settings.model_name, engine.identity,
+             args.host, args.port, redact(args.store), "on" if keys else "off")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"rxt serve: {message}", file=sys.stderr)
+    return 2
+
+
+def redact(url: str) -> str:
+    """A store URL without its password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}***@{host}" if at else url

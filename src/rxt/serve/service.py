@@ -1,0 +1,311 @@
+"""What the server does with a session, independent of HTTP: load it, answer, remember, write it back.
+
+A turn on the server:
+
+    lock the session -> load its state from the store -> stream the answer (model thread pool)
+    -> answer complete: the response ends here
+    -> in the background: wait for the memory update, write the new state (compare-and-set), unlock
+
+The next request on the same session waits for the lock, so it always reads the memory of every
+earlier turn; requests on other sessions run concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import anyio
+
+from rxt.engine import AnswerEvent, ReactiveEngine, TokenEvent
+from rxt.generation import SamplingConfig
+from rxt.serve.auth import same_owner
+from rxt.serve.errors import APIError, bad_request, session_not_found
+from rxt.serve.locks import Lease, SessionLocks
+from rxt.serve.metrics import ServerMetrics
+from rxt.serve.schemas import SESSION_ID_PATTERN, ChatCompletionRequest
+from rxt.serve.store import SessionStore, StoredSession, StoreUnavailable, VersionConflict
+from rxt.session import Session, SessionStateError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeSettings:
+    model_name: str
+    max_body_bytes: int = 1 << 20  # JSON request bodies
+    max_state_bytes: int | None = None  # imported session state; None: derived from the model's state size
+    max_message_chars: int = 16_000
+    max_tokens_limit: int = 512  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 128  # when a request does not say
+    default_temperature: float = 0.0  # greedy unless the request says otherwise
+    lock_ttl_s: float = 30.0  # a session lock held by a killed process frees itself after this
+    session_wait_s: float = 60.0  # how long a request waits for its session's earlier turn
+    write_retry_s: float = 30.0  # how long a finished turn retries writing its memory while the store is down
+    model_threads: int = 4  # turns generated at the same time
+
+
+class Turn:
+    """One answer in flight: the HTTP side reads ``next()`` until an AnswerEvent (or an error)."""
+
+    def __init__(self, session_id: str, prompt_tokens: int):
+        self.session_id, self.prompt_tokens = session_id, prompt_tokens
+        self.queue: asyncio.Queue[TokenEvent | AnswerEvent | BaseException] = asyncio.Queue()
+        self.cancelled = threading.Event()  # the client went away: stop generating, remember nothing
+
+    async def next(self) -> TokenEvent | AnswerEvent:
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def answer(self) -> AnswerEvent:
+        while not isinstance(event := await self.next(), AnswerEvent):
+            pass
+        return event
+
+
+class ChatService:
+    def __init__(self, engine: ReactiveEngine, store: SessionStore, settings: ServeSettings,
+                 metrics: ServerMetrics | None = None):
+        self.engine, self.store, self.settings = engine, store, settings
+        self.metrics = metrics or ServerMetrics()
+        self.locks = SessionLocks(store, ttl_s=settings.lock_ttl_s, wait_s=settings.session_wait_s)
+        self.executor = ThreadPoolExecutor(settings.model_threads, thread_name_prefix="rxt-generate")
+        self.background: set[asyncio.Task] = set()
+        initial = engine.new_session()
+        self.stm_dtype = initial.tensors["stm"].dtype
+        if settings.max_state_bytes is None:
+            settings.max_state_bytes = 2 * len(initial.to_bytes()) + 65_536
+
+    # -- store access ----------------------------------------------------------------------------
+    async def _store(self, method: Callable, *args):
+        return await anyio.to_thread.run_sync(method, *args)
+
+    async def _owned(self, session_id: str, owner: str) -> StoredSession:
+        stored = await self._store(self.store.get, session_id)
+        if stored is None or not same_owner(stored.owner, owner):
+            raise session_not_found(session_id)
+        return stored
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, session_id: str) -> AsyncIterator[Lease]:
+        check_session_id(session_id)
+        lease = await self.locks.acquire(session_id)
+        try:
+            yield lease
+        finally:
+            await lease.release()
+
+    # -- state -------------------------------------------------------------------------------------
+    def decode(self, data: bytes, unreadable_status: int = 409) -> Session:
+        """Bytes -> Session for this model: unreadable -> ``unreadable_status``, another model's -> 409."""
+        try:
+            session = Session.from_bytes(data, device=self.engine.device)
+        except SessionStateError as error:
+            raise APIError(unreadable_status, f"session state is not readable: {error}", "invalid_session_state") from None
+        stm = session.tensors.get("stm")
+        try:
+            self.engine.check_session(session)
+            if stm is None or stm.dtype != self.stm_dtype:
+                raise SessionStateError(f"session state has no {self.stm_dtype} STM tensor")
+        except (SessionStateError, KeyError) as error:
+            raise APIError(409, f"session state does not fit the model this server runs: {error}",
+                           "model_mismatch", type_="conflict_error") from None
+        if not bool(stm.isfinite().all()):
+            raise APIError(unreadable_status, "session state is not readable: its memory holds NaN or infinity",
+                           "invalid_session_state")
+        return session
+
+    def info(self, session: Session, state_bytes: int) -> dict:
+        return {
+            "id": session.id, "object": "session", "created": int(session.created), "turns": session.turns,
+            "model": self.settings.model_name, "model_identity": session.model_identity,
+            "state_bytes": state_bytes, "stm_shape": list(session.tensors["stm"].shape),
+        }
+
+    async def create(self, owner: str, session: Session | None = None) -> dict:
+        session = session or self.engine.new_session()
+        data = session.to_bytes()
+        await self._store(self.store.put, session.id, owner, data, 0)
+        return self.info(session, len(data))
+
+    async def inspect(self, session_id: str, owner: str) -> dict:
+        async with self._locked(session_id):  # waits for a turn in flight: the answer shows all turns
+            stored = await self._owned(session_id, owner)
+            return self.info(self.decode(stored.state), len(stored.state))
+
+    async def reset(self, session_id: str, owner: str) -> dict:
+        """Fresh memory, same id. Works on state another model wrote too (it is not read)."""
+        async with self._locked(session_id):
+            stored = await self._owned(session_id, owner)
+            session = self.engine.new_session()
+            session.id = session_id
+            data = session.to_bytes()
+            await self._store(self.store.put, session_id, owner, data, stored.version)
+            return self.info(session, len(data))
+
+    async def delete(self, session_id: str, owner: str) -> None:
+        async with self._locked(session_id):
+            await self._owned(session_id, owner)
+            await self._store(self.store.delete, session_id)
+
+    async def export_state(self, session_id: str, owner: str) -> bytes:
+        async with self._locked(session_id):
+            return (await self._owned(session_id, owner)).state
+
+    async def import_state(self, owner: str, data: bytes, session_id: str | None = None) -> dict:
+        """Validate exported bytes; store them as a new session, or replace an existing one's state."""
+        session = self.decode(data, unreadable_status=400)
+        if session_id is None:
+            session.id = secrets.token_urlsafe(18)  # never the exported id: that one is taken
+            return await self.create(owner, session)
+        async with self._locked(session_id):
+            stored = await self._owned(session_id, owner)
+            session.id = session_id
+            data = session.to_bytes()
+            await self._store(self.store.put, session_id, owner, data, stored.version)
+            return self.info(session, len(data))
+
+    # -- turns ---------------------------------------------------------------------------------------
+    def sampling(self, request: ChatCompletionRequest, query: str) -> tuple[SamplingConfig, int]:
+        """The request's decoding settings within the server's limits, and the prompt's token count."""
+        s = self.settings
+        if len(query) > s.max_message_chars:
+            raise bad_request(f"the user message has {len(query)} characters; the limit is {s.max_message_chars} "
+                              "(--max-message-chars)", "message_too_long", param="messages")
+        budget = request.answer_budget()
+        if budget is not None and budget > s.max_tokens_limit:
+            raise bad_request(f"max_tokens={budget} exceeds this server's limit of {s.max_tokens_limit} "
+                              "(--max-tokens-limit)", "max_tokens_too_large", param="max_tokens")
+        prompt_tokens = len(self.engine.tokenizer.prompt(query))
+        context = self.engine.model.config.max_seq_len
+        room = context - prompt_tokens - 1  # the memory encoder reads prompt + answer + [EOT]
+        if budget is None:
+            budget = min(s.default_max_tokens, room)
+        if room < 1 or budget > room:
+            raise bad_request(f"the message ({prompt_tokens} tokens with the template) plus max_tokens={budget} "
+                              f"exceed the model's context of {context} tokens per turn",
+                              "context_length_exceeded", param="messages")
+        temperature = s.default_temperature if request.temperature is None else request.temperature
+        top_p = 1.0 if request.top_p is None else request.top_p
+        return SamplingConfig(max_new_tokens=budget, temperature=temperature, top_p=top_p,
+                              seed=request.seed), prompt_tokens
+
+    async def start_turn(self, session_id: str | None, owner: str, query: str, sampling: SamplingConfig,
+                         prompt_tokens: int, started: float) -> Turn:
+        """Lock and load the session (a new one if ``session_id`` is None) and start answering."""
+        if session_id is None:  # stored first, so the id the client sees at once is valid at once
+            session_id = (await self.create(owner))["id"]
+        check_session_id(session_id)
+        lease = await self.locks.acquire(session_id)
+        try:
+            stored = await self._owned(session_id, owner)
+            session = self.decode(stored.state)
+            session.id = session_id
+        except BaseException:
+            await lease.release()
+            raise
+        turn = Turn(session_id, prompt_tokens)
+        work = self._run_turn(turn, session, stored, lease, query, sampling, started)
+        self._keep(asyncio.get_running_loop().create_task(work))
+        return turn
+
+    def _keep(self, task: asyncio.Task) -> None:
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _run_turn(self, turn: Turn, session: Session, stored: StoredSession, lease: Lease, query: str,
+                        sampling: SamplingConfig, started: float) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            answer = await loop.run_in_executor(self.executor, self._generate, turn, session, query, sampling,
+                                                loop, started)
+            if answer is None:
+                return  # the client left before the answer was complete: the turn is not remembered
+            answered = time.perf_counter()
+            self.metrics.answer.observe(answered - started)
+            self.metrics.turns.inc()
+            self.metrics.tokens.inc(answer.stats.answer_tokens)
+            turn.queue.put_nowait(answer)
+            await self._remember(session, stored, lease, answered)
+        except asyncio.CancelledError:  # shutting down
+            turn.cancelled.set()
+            turn.queue.put_nowait(APIError(503, "the server is shutting down", "shutting_down", "server_error"))
+            raise
+        except Exception as error:  # the HTTP side shows it; the lock is released below either way
+            turn.queue.put_nowait(error)
+            if not isinstance(error, (APIError, StoreUnavailable)):
+                log.exception("turn of session %s failed", turn.session_id)
+        finally:
+            await lease.release()
+
+    def _generate(self, turn: Turn, session: Session, query: str, sampling: SamplingConfig,
+                  loop: asyncio.AbstractEventLoop, started: float) -> AnswerEvent | None:
+        """Model thread: stream tokens to the event loop; return the AnswerEvent (memory update started)."""
+        events = self.engine.stream(session, query, sampling)
+        first = True
+        try:
+            for event in events:
+                if turn.cancelled.is_set():
+                    return None
+                if isinstance(event, TokenEvent):
+                    if first:
+                        self.metrics.first_token.observe(time.perf_counter() - started)
+                        first = False
+                    loop.call_soon_threadsafe(turn.queue.put_nowait, event)
+                elif isinstance(event, AnswerEvent):
+                    return event
+        finally:
+            events.close()  # after the AnswerEvent: do not wait for the memory update here
+        return None
+
+    async def _remember(self, session: Session, stored: StoredSession, lease: Lease, answered: float) -> None:
+        """Wait for the memory update and write the new state; retry while the store is down."""
+        try:
+            data = await anyio.to_thread.run_sync(session.to_bytes)  # waits for the background update
+        except Exception:
+            self.metrics.write_failures.inc()
+            log.exception("memory update of session %s failed; it keeps its previous state", session.id)
+            return
+        deadline = time.monotonic() + self.settings.write_retry_s
+        while True:
+            try:
+                await self._store(self.store.put, session.id, stored.owner, data, stored.version)
+                break
+            except StoreUnavailable as error:
+                if time.monotonic() > deadline:
+                    return self._lost(session, f"the store stayed unavailable: {error}")
+                await asyncio.sleep(0.25)
+            except VersionConflict as error:  # our lock expired and another turn wrote first
+                return self._lost(session, str(error))
+        self.metrics.memory_update.observe(time.perf_counter() - answered)
+        if lease.lost:
+            log.warning("session %s: lock expired during the update, but no one wrote in between", session.id)
+
+    def _lost(self, session: Session, why: str) -> None:
+        self.metrics.write_failures.inc()
+        log.error("the memory of turn %d of session %s was not written: %s", session.turns, session.id, why)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def drain(self, timeout_s: float = 60.0) -> None:
+        """Let turns in flight finish writing their memory (graceful shutdown)."""
+        if self.background:
+            await asyncio.wait(list(self.background), timeout=timeout_s)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+
+
+def check_session_id(session_id: str) -> None:
+    if not SESSION_ID_PATTERN.match(session_id):
+        raise session_not_found(session_id)
+
