@@ -7,8 +7,10 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
+from rxt.baselines import StatelessEngine
 from rxt.config import ModelConfig
-from rxt.model import ReactiveTransformer
+from rxt.engine import ChatEngine, ReactiveEngine
+from rxt.model import ReactiveTransformer, StatelessLM
 from rxt.tokenizer import Tokenizer
 
 CHAT_LINES = [
@@ -53,6 +55,24 @@ def make_tiny_model(tiny_tokenizer: Tokenizer) -> Callable[..., torch.nn.Module]
 
     return make
 
+
+@pytest.fixture
+def engine_factory(make_tiny_model) -> Iterator[Callable[..., ChatEngine]]:
+    """``engine_factory(kind, seed=0, model=None, **engine_kwargs)``: kind "rxt" or a baseline mode."""
+    made: list[ChatEngine] = []
+
+    def make(kind: str = "rxt", seed: int = 0, model=None, **kwargs) -> ChatEngine:
+        if kind == "rxt":
+            engine = ReactiveEngine(model or make_tiny_model(ReactiveTransformer, seed), **kwargs)
+        else:
+            engine = StatelessEngine(model or make_tiny_model(StatelessLM, seed), mode=kind, **kwargs)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        if isinstance(engine, ReactiveEngine):
+            engine.close()
 
 
 @pytest.fixture

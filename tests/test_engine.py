@@ -4,7 +4,6 @@ streaming, and the stateless baseline modes."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
 from itertools import pairwise
 
 import pytest
@@ -12,34 +11,15 @@ import torch
 from torch.testing import assert_close
 
 import rxt.engine
-from rxt.baselines import MODES, StatelessEngine
-from rxt.engine import AnswerEvent, ChatEngine, MemoryUpdatedEvent, ReactiveEngine, TokenEvent
+from rxt.baselines import MODES
+from rxt.engine import AnswerEvent, ChatEngine, MemoryUpdatedEvent, TokenEvent
 from rxt.generation import SamplingConfig, decode_tokens, sample_next
-from rxt.model import ReactiveTransformer, StatelessLM
+from rxt.model import ReactiveTransformer
 
 GREEDY = SamplingConfig(max_new_tokens=10)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 QUERIES = ["Hi, my name is Ada and I live in Oslo.", "What is my name?", "Remember: my favourite number is 42."]
-
-
-@pytest.fixture
-def engine_factory(make_tiny_model) -> Iterator[Callable[..., ChatEngine]]:
-    """``engine_factory(kind, seed=0, **engine_kwargs)`` with kind "rxt" or a baseline mode."""
-    made: list[ChatEngine] = []
-
-    def make(kind: str = "rxt", seed: int = 0, **kwargs) -> ChatEngine:
-        if kind == "rxt":
-            engine = ReactiveEngine(make_tiny_model(ReactiveTransformer, seed), **kwargs)
-        else:
-            engine = StatelessEngine(make_tiny_model(StatelessLM, seed), mode=kind, **kwargs)
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        if isinstance(engine, ReactiveEngine):
-            engine.close()
 
 
 @torch.no_grad()

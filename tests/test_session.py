@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch.testing import assert_close
 
-from rxt.baselines import StatelessEngine
-from rxt.engine import ChatEngine, ReactiveEngine
+from rxt.engine import ChatEngine
 from rxt.generation import SamplingConfig
 from rxt.model import ReactiveTransformer, StatelessLM, load_model
 from rxt.session import Session, SessionStateError
@@ -22,25 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 GREEDY = SamplingConfig(max_new_tokens=8)
 FIRST = ["Hi, my name is Ada.", "I live in Oslo."]
 LATER = ["What is my name?", "Where do I live?"]
-
-
-@pytest.fixture
-def engine_factory(make_tiny_model) -> Iterator[Callable[..., ChatEngine]]:
-    """``engine_factory(kind, seed=0, model=None, **kwargs)``: kind "rxt" or a baseline mode."""
-    made: list[ChatEngine] = []
-
-    def make(kind: str = "rxt", seed: int = 0, model=None, **kwargs) -> ChatEngine:
-        if kind == "rxt":
-            engine = ReactiveEngine(model or make_tiny_model(ReactiveTransformer, seed), **kwargs)
-        else:
-            engine = StatelessEngine(model or make_tiny_model(StatelessLM, seed), mode=kind, **kwargs)
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        if isinstance(engine, ReactiveEngine):
-            engine.close()
 
 
 def chat(engine: ChatEngine, session: Session, queries: list[str]) -> list[list[int]]:

@@ -1,10 +1,10 @@
 """Stateless baselines with the same streaming API as RxT (DESIGN.md section 5).
 
-    full     re-read the whole history every turn (KV cache within the turn): quadratic cost
-    cached   keep the KV cache across turns (prefix caching): prefill only the new tokens, but attend
-             to, and store, a cache that grows with the conversation
-    current  the current turn only: no memory at all (lower bound)
-    window   the history truncated to the RxT memory's footprint (equal state size)
+full     re-read the whole history every turn (KV cache within the turn): quadratic cost
+cached   keep the KV cache across turns (prefix caching): prefill only the new tokens, but attend
+         to, and store, a cache that grows with the conversation
+current  the current turn only: no memory at all (lower bound)
+window   the history truncated to the RxT memory's footprint (equal state size)
 """
 
 from __future__ import annotations
@@ -36,8 +36,14 @@ def window_tokens_for(config: ModelConfig) -> int:
 class StatelessEngine(ChatEngine):
     model_type = "stateless"
 
-    def __init__(self, model: StatelessLM, tokenizer: Tokenizer | None = None, device: str | None = None,
-                 mode: str = "full", window_tokens: int | None = None):
+    def __init__(
+        self,
+        model: StatelessLM,
+        tokenizer: Tokenizer | None = None,
+        device: str | None = None,
+        mode: str = "full",
+        window_tokens: int | None = None,
+    ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         super().__init__(model, tokenizer, device)
@@ -57,9 +63,9 @@ class StatelessEngine(ChatEngine):
         if self.mode == "full":
             return history
         if self.mode == "window":
-            return history[-self.window_tokens:] if self.window_tokens else []
+            return history[-self.window_tokens :] if self.window_tokens else []
         if self.mode == "cached":  # tokens of the history the cache has not seen yet (the last [EOT])
-            return history[self._cache(session).length:]
+            return history[self._cache(session).length :]
         return []
 
     def _cache(self, session: Session) -> KVCache:
@@ -71,7 +77,7 @@ class StatelessEngine(ChatEngine):
             if len(sessions) != 1:
                 raise ValueError("the persistent-cache baseline answers one session at a time")
             return self._plan_cached(sessions[0], prompts[0])
-        inputs = [self.context(s) + p for s, p in zip(sessions, prompts)]
+        inputs = [self.context(s) + p for s, p in zip(sessions, prompts, strict=True)]
         ids, mask = left_pad(inputs, self.tokenizer.pad_id, self.device)
         caches = [KVCache() for _ in self.model.decoder.layers]
 
@@ -93,8 +99,10 @@ class StatelessEngine(ChatEngine):
 
         return TurnPlan(ids, mask, positions, step, [len(new)])
 
-    def finish(self, sessions: Sequence[Session], interactions: list[list[int]], stats: list[TurnStats]) -> None:
-        for session, interaction, stat in zip(sessions, interactions, stats):
+    def finish(
+        self, sessions: Sequence[Session], interactions: list[list[int]], stats: list[TurnStats]
+    ) -> None:
+        for session, interaction, stat in zip(sessions, interactions, stats, strict=True):
             added = torch.tensor(interaction, dtype=torch.long)
             session.tensors = {"history": torch.cat([session.tensors["history"], added])}
             session.turns += 1

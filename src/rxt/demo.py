@@ -44,14 +44,25 @@ def play(rxt: ReactiveEngine, baseline: StatelessEngine, dialogue: Dialogue, out
     for number, turn in enumerate(dialogue.turns, 1):
         mine = rxt.interact(rxt_session, turn.query, sampling)  # returns before the memory update ends
         theirs = baseline.interact(base_session, turn.query, sampling)
-        row = {"turn": number, "query": turn.query, "rxt": mine.text, "baseline": theirs.text,
-               "rxt_ttft_s": mine.stats.time_to_first_token_s, "rxt_answer_s": mine.stats.answer_s,
-               "baseline_ttft_s": theirs.stats.time_to_first_token_s, "baseline_answer_s": theirs.stats.answer_s,
-               "rxt_prompt_tokens": mine.stats.prompt_tokens, "baseline_prompt_tokens": theirs.stats.prompt_tokens}
+        row = {
+            "turn": number,
+            "query": turn.query,
+            "rxt": mine.text,
+            "baseline": theirs.text,
+            "rxt_ttft_s": mine.stats.time_to_first_token_s,
+            "rxt_answer_s": mine.stats.answer_s,
+            "baseline_ttft_s": theirs.stats.time_to_first_token_s,
+            "baseline_answer_s": theirs.stats.answer_s,
+            "rxt_prompt_tokens": mine.stats.prompt_tokens,
+            "baseline_prompt_tokens": theirs.stats.prompt_tokens,
+        }
         if turn.check:
-            row.update(value=turn.check["value"], distance=turn.check["distance"],
-                       rxt_correct=is_correct(mine.text, turn.check["value"]),
-                       baseline_correct=is_correct(theirs.text, turn.check["value"]))
+            row.update(
+                value=turn.check["value"],
+                distance=turn.check["distance"],
+                rxt_correct=is_correct(mine.text, turn.check["value"]),
+                baseline_correct=is_correct(theirs.text, turn.check["value"]),
+            )
         rows.append(row)
         _print_turn(row, out)
     rxt_session.wait()
@@ -65,9 +76,11 @@ def _print_turn(row: dict, out) -> None:
     print(f"  RxT      : {row['rxt']}{rxt_note}", file=out)
     base_note = f"  ({mark(row['baseline_correct'])})" if "value" in row else ""
     print(f"  stateless: {row['baseline']}{base_note}", file=out)
-    print(f"  latency  : RxT first token {row['rxt_ttft_s'] * 1e3:6.1f} ms ({row['rxt_prompt_tokens']} prompt tokens)"
-          f" | stateless {row['baseline_ttft_s'] * 1e3:6.1f} ms ({row['baseline_prompt_tokens']} prompt tokens)",
-          file=out)
+    print(
+        f"  latency  : RxT first token {row['rxt_ttft_s'] * 1e3:6.1f} ms ({row['rxt_prompt_tokens']} prompt tokens)"
+        f" | stateless {row['baseline_ttft_s'] * 1e3:6.1f} ms ({row['baseline_prompt_tokens']} prompt tokens)",
+        file=out,
+    )
 
 
 def write_report(rows: list[dict], directory: Path) -> Path:
@@ -80,7 +93,9 @@ def write_report(rows: list[dict], directory: Path) -> Path:
     turns = [r["turn"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     left.plot(turns, [r["rxt_ttft_s"] * 1e3 for r in rows], marker="o", label="RxT")
-    left.plot(turns, [r["baseline_ttft_s"] * 1e3 for r in rows], marker="s", label="stateless (re-reads history)")
+    left.plot(
+        turns, [r["baseline_ttft_s"] * 1e3 for r in rows], marker="s", label="stateless (re-reads history)"
+    )
     left.set(xlabel="turn", ylabel="time to first token (ms)", title="Per-turn latency")
     right.plot(turns, [r["rxt_prompt_tokens"] for r in rows], marker="o", label="RxT")
     right.plot(turns, [r["baseline_prompt_tokens"] for r in rows], marker="s", label="stateless")
@@ -93,14 +108,19 @@ def write_report(rows: list[dict], directory: Path) -> Path:
     plt.close(fig)
     checks = [r for r in rows if "value" in r]
     lines = [
-        "# rxt demo report", "",
+        "# rxt demo report",
+        "",
         f"Recall questions: {len(checks)}; RxT right {sum(r['rxt_correct'] for r in checks)}, "
-        f"stateless right {sum(r['baseline_correct'] for r in checks)}.", "",
+        f"stateless right {sum(r['baseline_correct'] for r in checks)}.",
+        "",
         f"Time to first token, turn 1 -> turn {rows[-1]['turn']}: RxT {rows[0]['rxt_ttft_s'] * 1e3:.1f} -> "
         f"{rows[-1]['rxt_ttft_s'] * 1e3:.1f} ms; stateless {rows[0]['baseline_ttft_s'] * 1e3:.1f} -> "
-        f"{rows[-1]['baseline_ttft_s'] * 1e3:.1f} ms.", "",
-        "![latency](latency.png)", "",
-        "| turn | distance | value | RxT | stateless |", "|---|---|---|---|---|",
+        f"{rows[-1]['baseline_ttft_s'] * 1e3:.1f} ms.",
+        "",
+        "![latency](latency.png)",
+        "",
+        "| turn | distance | value | RxT | stateless |",
+        "|---|---|---|---|---|",
         *[f"| {r['turn']} | {r['distance']} | {r['value']} | {r['rxt']} | {r['baseline']} |" for r in checks],
     ]
     report = directory / "report.md"
@@ -123,13 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     rxt = ReactiveEngine(ReactiveTransformer.from_pretrained(models / "rxt"))
     baseline = StatelessEngine(StatelessLM.from_pretrained(models / "baseline"), mode="full")
     dialogue = scripted_dialogue()
-    print(f"RxT nano ({rxt.model.num_parameters() / 1e6:.1f}M parameters) vs stateless baseline "
-          f"({baseline.model.num_parameters() / 1e6:.1f}M), dialogue {dialogue.id}, {len(dialogue.turns)} turns")
+    print(
+        f"RxT nano ({rxt.model.num_parameters() / 1e6:.1f}M parameters) vs stateless baseline "
+        f"({baseline.model.num_parameters() / 1e6:.1f}M), dialogue {dialogue.id}, {len(dialogue.turns)} turns"
+    )
     rows = play(rxt, baseline, dialogue)
     report = write_report(rows, Path(args.out))
     checks = [r for r in rows if "value" in r]
-    print(f"\nrecall: RxT {sum(r['rxt_correct'] for r in checks)}/{len(checks)}, "
-          f"stateless {sum(r['baseline_correct'] for r in checks)}/{len(checks)}; report: {report}")
+    print(
+        f"\nrecall: RxT {sum(r['rxt_correct'] for r in checks)}/{len(checks)}, "
+        f"stateless {sum(r['baseline_correct'] for r in checks)}/{len(checks)}; report: {report}"
+    )
     rxt.close()
     return 0
 

@@ -76,7 +76,9 @@ class ChatEngine:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None = None, device: str | None = None):
         self.tokenizer = tokenizer or getattr(model, "tokenizer", None)
         if self.tokenizer is None:
-            raise ValueError("the engine needs a tokenizer: pass one, or load a model directory that has tokenizer.json")
+            raise ValueError(
+                "the engine needs a tokenizer: pass one, or load a model directory that has tokenizer.json"
+            )
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.identity = model.identity()
@@ -88,7 +90,9 @@ class ChatEngine:
     def plan(self, sessions: Sequence[Session], prompts: list[list[int]]) -> TurnPlan:
         raise NotImplementedError
 
-    def finish(self, sessions: Sequence[Session], interactions: list[list[int]], stats: list[TurnStats]) -> None:
+    def finish(
+        self, sessions: Sequence[Session], interactions: list[list[int]], stats: list[TurnStats]
+    ) -> None:
         """Keep the finished turn (history, cache or memory)."""
         raise NotImplementedError
 
@@ -143,7 +147,9 @@ class ChatEngine:
         if not remember and not self.pure_plans:
             raise ValueError(f"{type(self).__name__} cannot answer without remembering the turn")
         if len(sessions) != len(queries) or not sessions:
-            raise ValueError(f"need one query per session, got {len(queries)} queries for {len(sessions)} sessions")
+            raise ValueError(
+                f"need one query per session, got {len(queries)} queries for {len(sessions)} sessions"
+            )
         if len({id(s) for s in sessions}) != len(sessions):
             raise ValueError("a session may appear only once in a batch")
         sampling = sampling or SamplingConfig()
@@ -153,7 +159,9 @@ class ChatEngine:
         start = time.perf_counter()
         plan = self.plan(sessions, [self.tokenizer.prompt(q) for q in queries])
         answers, first_token_s, shown = [[] for _ in sessions], None, 0  # shown: characters streamed so far
-        for token in decode_tokens(plan.step, plan.prompt, plan.key_mask, plan.positions, sampling, self.tokenizer.end_id):
+        for token in decode_tokens(
+            plan.step, plan.prompt, plan.key_mask, plan.positions, sampling, self.tokenizer.end_id
+        ):
             first_token_s = first_token_s or time.perf_counter() - start
             for row, t in enumerate(token.tolist()):
                 if not answers[row] or answers[row][-1] != self.tokenizer.end_id:
@@ -167,16 +175,23 @@ class ChatEngine:
             rest, shown = self._new_text(ids, shown, final=True)
             if rest:
                 yield TokenEvent(ids[-1], rest)
-        stats = [self._stats(s, n, a, first_token_s, answer_s) for s, n, a in zip(sessions, plan.prompt_tokens, answers)]
+        stats = [
+            self._stats(s, n, a, first_token_s, answer_s)
+            for s, n, a in zip(sessions, plan.prompt_tokens, answers, strict=True)
+        ]
         if remember:
             prompts = [self.tokenizer.prompt(q) for q in queries]
-            self.finish(sessions, [p + _with_end(a, self.tokenizer.end_id) for p, a in zip(prompts, answers)], stats)
-        for session, answer, stat in zip(sessions, answers, stats):
+            self.finish(
+                sessions,
+                [p + _with_end(a, self.tokenizer.end_id) for p, a in zip(prompts, answers, strict=True)],
+                stats,
+            )
+        for session, answer, stat in zip(sessions, answers, stats, strict=True):
             if remember:
                 session.stats.append(stat)
             ids = [t for t in answer if t != self.tokenizer.end_id]
             yield AnswerEvent(self.tokenizer.decode(ids).strip(), ids, stat)
-        for session, stat in zip(sessions, stats):
+        for session, stat in zip(sessions, stats, strict=True):
             if session.pending is not None:
                 session.wait()
                 yield MemoryUpdatedEvent(session.turns, stat.memory_update_s or 0.0)
@@ -186,23 +201,27 @@ class ChatEngine:
         for session in sessions:
             session.wait()
             self.check_session(session)
-        interactions = [self.tokenizer.interaction(q, a) for q, a in zip(queries, answers)]
-        stats = [self._stats(s, len(i), [], None, 0.0) for s, i in zip(sessions, interactions)]
+        interactions = [self.tokenizer.interaction(q, a) for q, a in zip(queries, answers, strict=True)]
+        stats = [self._stats(s, len(i), [], None, 0.0) for s, i in zip(sessions, interactions, strict=True)]
         self.finish(sessions, interactions, stats)
 
     @torch.no_grad()
-    def score(self, sessions: Sequence[Session], queries: Sequence[str], answers: Sequence[str]) -> list[tuple[float, int]]:
+    def score(
+        self, sessions: Sequence[Session], queries: Sequence[str], answers: Sequence[str]
+    ) -> list[tuple[float, int]]:
         """Teacher-forced (sum of negative log-likelihood, token count) of each answer + [EOT]."""
         if not self.pure_plans:
             raise ValueError(f"{type(self).__name__} cannot score without remembering the turn")
         for session in sessions:
             session.wait()
         targets = [self.tokenizer.encode(" " + a.strip()) + [self.tokenizer.end_id] for a in answers]
-        plan = self.plan(sessions, [self.tokenizer.prompt(q) + t[:-1] for q, t in zip(queries, targets)])
+        plan = self.plan(
+            sessions, [self.tokenizer.prompt(q) + t[:-1] for q, t in zip(queries, targets, strict=True)]
+        )
         logprobs = plan.step(plan.prompt, plan.key_mask, plan.positions).float().log_softmax(-1)  # (B, T, V)
         results = []
         for row, target in enumerate(targets):
-            predicted = logprobs[row, -len(target):]  # positions that predict the answer tokens
+            predicted = logprobs[row, -len(target) :]  # positions that predict the answer tokens
             nll = -predicted.gather(1, torch.tensor(target, device=predicted.device)[:, None]).sum()
             results.append((float(nll), len(target)))
         return results
@@ -223,7 +242,9 @@ class ChatEngine:
             text = text.rstrip("\ufffd")
         return text[shown:], max(shown, len(text))
 
-    def _stats(self, session: Session, prompt_tokens: int, answer: list[int], ttft: float | None, answer_s: float):
+    def _stats(
+        self, session: Session, prompt_tokens: int, answer: list[int], ttft: float | None, answer_s: float
+    ):
         return TurnStats(
             turn=session.turns + 1,
             prompt_tokens=prompt_tokens,
@@ -240,8 +261,13 @@ class ReactiveEngine(ChatEngine):
 
     model_type = "rxt"
 
-    def __init__(self, model: ReactiveTransformer, tokenizer: Tokenizer | None = None, device: str | None = None,
-                 update_delay_s: float = 0.0):
+    def __init__(
+        self,
+        model: ReactiveTransformer,
+        tokenizer: Tokenizer | None = None,
+        device: str | None = None,
+        update_delay_s: float = 0.0,
+    ):
         super().__init__(model, tokenizer, device)
         self.update_delay_s = update_delay_s  # tests slow the update down on purpose
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rxt-memory")
@@ -255,7 +281,9 @@ class ReactiveEngine(ChatEngine):
         super().check_session(session)
         expected = tuple(self.model.initial_memory(1).shape)
         if tuple(session.tensors["stm"].shape) != expected:
-            raise SessionStateError(f"session STM shape {tuple(session.tensors['stm'].shape)} != model's {expected}")
+            raise SessionStateError(
+                f"session STM shape {tuple(session.tensors['stm'].shape)} != model's {expected}"
+            )
 
     def plan(self, sessions: Sequence[Session], prompts: list[list[int]]) -> TurnPlan:
         ids, mask = left_pad(prompts, self.tokenizer.pad_id, self.device)
@@ -265,12 +293,16 @@ class ReactiveEngine(ChatEngine):
         caches = [KVCache() for _ in self.model.decoder.layers]
 
         def step(tokens: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            return self.model.decode(tokens, memory_kv=memory_kv, key_mask=key_mask, positions=positions, caches=caches)
+            return self.model.decode(
+                tokens, memory_kv=memory_kv, key_mask=key_mask, positions=positions, caches=caches
+            )
 
         return TurnPlan(ids, mask, positions_from_mask(mask), step, [len(p) for p in prompts])
 
-    def finish(self, sessions: Sequence[Session], interactions: list[list[int]], stats: list[TurnStats]) -> None:
-        for session, interaction, stat in zip(sessions, interactions, stats):
+    def finish(
+        self, sessions: Sequence[Session], interactions: list[list[int]], stats: list[TurnStats]
+    ) -> None:
+        for session, interaction, stat in zip(sessions, interactions, stats, strict=True):
             session.turns += 1
             stat.tokens_processed += len(interaction)  # the memory encoder reads the whole interaction
             stat.state_bytes = session.state_bytes()
@@ -278,7 +310,9 @@ class ReactiveEngine(ChatEngine):
         for session in sessions:
             session.pending = future
 
-    def run_memory_update(self, sessions: list[Session], interactions: list[list[int]], stats: list[TurnStats]) -> None:
+    def run_memory_update(
+        self, sessions: list[Session], interactions: list[list[int]], stats: list[TurnStats]
+    ) -> None:
         """Steps 2-3 of the turn cycle, batched: encode concat(X_t, Y_t), consolidate into STM."""
         start = time.perf_counter()
         if self.update_delay_s:
@@ -287,7 +321,7 @@ class ReactiveEngine(ChatEngine):
         with self._lock, torch.no_grad():  # grad mode is per thread
             stm = torch.cat([s.tensors["stm"] for s in sessions], dim=1)
             new_stm = self.model.update_memory(stm, ids, mask)
-        for row, (session, stat) in enumerate(zip(sessions, stats)):
+        for row, (session, stat) in enumerate(zip(sessions, stats, strict=True)):
             session.tensors = {**session.tensors, "stm": new_stm[:, row : row + 1].clone()}
             stat.memory_update_s = time.perf_counter() - start
 

@@ -108,15 +108,18 @@ class PretrainedMixin:
                 raise FileNotFoundError(f"{directory} is not an rxt model directory: {name} is missing")
         data = json.loads((directory / "config.json").read_text())
         model_type = data.pop("model_type", None)
-        model_class = MODEL_TYPES.get(model_type) if cls is PretrainedMixin else cls
-        if model_class is None or model_type != model_class.model_type:
-            raise ValueError(f"{directory}/config.json has model_type={model_type!r}, expected one of {list(MODEL_TYPES)}")
-        model = model_class(ModelConfig.from_dict(data))
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"{directory}/config.json has model_type={model_type!r}, expected {cls.model_type!r}"
+            )
+        model = cls(ModelConfig.from_dict(data))
         state = load_file(str(directory / "model.safetensors"))
         expected = model.state_dict()
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise ValueError(f"{directory}: weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"{directory}: weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         for name, tensor in state.items():
             if tensor.shape != expected[name].shape:
                 raise ValueError(
@@ -143,21 +146,57 @@ class PretrainedMixin:
         return sum(p.numel() for p in self.parameters())
 
 
-class ReactiveTransformer(PretrainedMixin, nn.Module):
-    """RxT: generator-decoder with memory cross-attention, memory encoder, memory attention, STM."""
+class DecoderLM(PretrainedMixin, nn.Module):
+    """Shared embedding (also the tied output head) + decoder layers: what both model types have."""
 
-    model_type = "rxt"
+    use_memory: bool
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         rotary = RotaryEmbedding(config.d_head, config.max_seq_len, config.rope_theta)
-        self.decoder = Decoder(config, rotary, use_memory=True)
+        self.decoder = Decoder(config, rotary, use_memory=self.use_memory)
+        self.build_memory_system(config, rotary)
+        self.apply(_init_weights)
+
+    def build_memory_system(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+        """Stateless models have none."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.embedding.weight.T  # tied output head: (B, T, V)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Load-balancing loss of the MoE layers (zero without MoE), already scaled by its weight."""
+        from rxt.layers import MoEFeedForward
+
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, MoEFeedForward)]
+        if not losses:
+            return torch.zeros((), device=self.embedding.weight.device)
+        return self.config.moe_aux_loss_weight * torch.stack(losses).mean()
+
+
+class StatelessLM(DecoderLM):
+    """The baseline: the same decoder layers without memory cross-attention."""
+
+    model_type = "stateless"
+    use_memory = False
+
+    def decode(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Logits (B, T, V); kwargs as Decoder.forward (positions, key_mask, caches)."""
+        return self.logits(self.decoder(self.embedding(input_ids), **kwargs))
+
+
+class ReactiveTransformer(DecoderLM):
+    """RxT: generator-decoder with memory cross-attention, memory encoder, memory attention, STM."""
+
+    model_type = "rxt"
+    use_memory = True
+
+    def build_memory_system(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
         self.encoder = Encoder(config, rotary)
         self.memory_attention = MemoryAttention(config, rotary)
         self.stm = ShortTermMemory(config)
-        self.apply(_init_weights)
 
     def initial_memory(self, batch_size: int = 1) -> torch.Tensor:
         """STM_0: (L, B, S, D)."""
@@ -181,9 +220,6 @@ class ReactiveTransformer(PretrainedMixin, nn.Module):
             memory_kv = self.project_memory(stm)
         return self.logits(self.decoder(self.embedding(input_ids), memory_kv=memory_kv, **kwargs))
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.embedding.weight.T  # tied output head: (B, T, V)
-
     def encode(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """ED_t: L tensors (B, T, D), the encoder's per-layer states of concat(X_t, Y_t)."""
         return self.encoder(self.embedding(input_ids), key_mask)
@@ -204,46 +240,21 @@ class ReactiveTransformer(PretrainedMixin, nn.Module):
         """Steps 2-3 of the turn cycle: encode the finished interaction, fold it into memory."""
         return self.consolidate(stm, self.encode(interaction_ids, key_mask), key_mask)
 
-    def aux_loss(self) -> torch.Tensor:
-        return _moe_aux_loss(self)
+
+MODEL_TYPES: dict[str, type[DecoderLM]] = {"rxt": ReactiveTransformer, "stateless": StatelessLM}
 
 
-class StatelessLM(PretrainedMixin, nn.Module):
-    """The baseline: the same decoder layers without memory cross-attention."""
-
-    model_type = "stateless"
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.config = config
-        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        rotary = RotaryEmbedding(config.d_head, config.max_seq_len, config.rope_theta)
-        self.decoder = Decoder(config, rotary, use_memory=False)
-        self.apply(_init_weights)
-
-    def decode(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Logits (B, T, V); kwargs as Decoder.forward (positions, key_mask, caches)."""
-        return self.decoder(self.embedding(input_ids), **kwargs) @ self.embedding.weight.T
-
-    def aux_loss(self) -> torch.Tensor:
-        return _moe_aux_loss(self)
-
-
-MODEL_TYPES: dict[str | None, type] = {"rxt": ReactiveTransformer, "stateless": StatelessLM}
-
-
-def load_model(directory: str | Path, device: str | torch.device = "cpu") -> ReactiveTransformer | StatelessLM:
+def load_model(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> ReactiveTransformer | StatelessLM:
     """Load any rxt model directory, whichever its type."""
-    return PretrainedMixin.from_pretrained.__func__(PretrainedMixin, directory, device)
-
-
-def _moe_aux_loss(model: nn.Module) -> torch.Tensor:
-    from rxt.layers import MoEFeedForward
-
-    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoEFeedForward)]
-    if not losses:
-        return torch.zeros((), device=next(model.parameters()).device)
-    return model.config.moe_aux_loss_weight * torch.stack(losses).mean()
+    config = Path(directory) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{directory} is not an rxt model directory: config.json is missing")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{config} has model_type={model_type!r}, expected one of {list(MODEL_TYPES)}")
+    return MODEL_TYPES[model_type].from_pretrained(directory, device)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -46,7 +46,11 @@ class RecallReport:
         return self.hits[model][distance] / self.asked[distance] if self.asked[distance] else float("nan")
 
     def perplexity(self, model: str) -> float:
-        return math.exp(self.nll[model] / self.scored_tokens[model]) if self.scored_tokens[model] else float("nan")
+        return (
+            math.exp(self.nll[model] / self.scored_tokens[model])
+            if self.scored_tokens[model]
+            else float("nan")
+        )
 
     def to_dict(self) -> dict:
         models = list(self.nll)
@@ -88,40 +92,60 @@ def evaluate_recall(
     return report
 
 
-def _run_batch(name: str, engine: ChatEngine, batch: Sequence[Dialogue], sampling: SamplingConfig,
-               report: RecallReport) -> None:
+def _run_batch(
+    name: str, engine: ChatEngine, batch: Sequence[Dialogue], sampling: SamplingConfig, report: RecallReport
+) -> None:
     sessions = [engine.new_session() for _ in batch]
     for t in range(max(len(d.turns) for d in batch)):
-        active = [(s, d.turns[t]) for s, d in zip(sessions, batch) if t < len(d.turns)]
+        active = [(s, d.turns[t]) for s, d in zip(sessions, batch, strict=True) if t < len(d.turns)]
         live, turns = [s for s, _ in active], [turn for _, turn in active]
         queries, answers = [x.query for x in turns], [x.answer for x in turns]
         asking = [(s, x) for s, x in active if x.check]
         if asking:
-            replies = engine.interact_batch([s for s, _ in asking], [x.query for _, x in asking], sampling, remember=False)
-            for (_, turn), reply in zip(asking, replies):
+            replies = engine.interact_batch(
+                [s for s, _ in asking], [x.query for _, x in asking], sampling, remember=False
+            )
+            for (_, turn), reply in zip(asking, replies, strict=True):
                 right = is_correct(reply.text, turn.check["value"])
                 report.hits[name][turn.check["distance"]] += right
                 if len(report.examples) < 200:
-                    report.examples.append({"model": name, "query": turn.query, "answer": reply.text,
-                                            "value": turn.check["value"], "distance": turn.check["distance"],
-                                            "correct": right})
-        for (nll, count), stat_tokens in zip(engine.score(live, queries, answers), _prompt_tokens(engine, live, queries)):
+                    report.examples.append(
+                        {
+                            "model": name,
+                            "query": turn.query,
+                            "answer": reply.text,
+                            "value": turn.check["value"],
+                            "distance": turn.check["distance"],
+                            "correct": right,
+                        }
+                    )
+        for (nll, count), stat_tokens in zip(
+            engine.score(live, queries, answers), _prompt_tokens(engine, live, queries), strict=True
+        ):
             report.nll[name] += nll
             report.scored_tokens[name] += count
             report.tokens_processed[name] += stat_tokens + count
         if engine.model_type == "rxt":  # the memory encoder reads every interaction
-            report.tokens_processed[name] += sum(len(engine.tokenizer.interaction(q, a)) for q, a in zip(queries, answers))
+            report.tokens_processed[name] += sum(
+                len(engine.tokenizer.interaction(q, a)) for q, a in zip(queries, answers, strict=True)
+            )
         engine.observe(live, queries, answers)
     for session in sessions:
         session.wait()
 
 
 def _prompt_tokens(engine: ChatEngine, sessions, queries) -> list[int]:
-    return [len(engine.context(s)) + len(engine.tokenizer.prompt(q)) if hasattr(engine, "context")
-            else len(engine.tokenizer.prompt(q)) for s, q in zip(sessions, queries)]
+    return [
+        len(engine.context(s)) + len(engine.tokenizer.prompt(q))
+        if hasattr(engine, "context")
+        else len(engine.tokenizer.prompt(q))
+        for s, q in zip(sessions, queries, strict=True)
+    ]
 
 
-def build_engines(rxt_dir: str | None, baseline_dir: str | None, device: str = "cpu") -> dict[str, ChatEngine]:
+def build_engines(
+    rxt_dir: str | None, baseline_dir: str | None, device: str = "cpu"
+) -> dict[str, ChatEngine]:
     from rxt.baselines import StatelessEngine
     from rxt.engine import ReactiveEngine
     from rxt.model import ReactiveTransformer, StatelessLM
@@ -149,7 +173,10 @@ def print_table(report: RecallReport) -> None:
     print(f"{'distance':>8} {'n':>5} " + " ".join(f"{m:>13}" for m in models))
     for d, row in data["by_distance"].items():
         print(f"{d:>8} {data['questions_by_distance'][d]:>5} " + " ".join(f"{row[m]:>13.1%}" for m in models))
-    print(f"{'all':>8} {sum(report.asked.values()):>5} " + " ".join(f"{data['overall'][m]:>13.1%}" for m in models))
+    print(
+        f"{'all':>8} {sum(report.asked.values()):>5} "
+        + " ".join(f"{data['overall'][m]:>13.1%}" for m in models)
+    )
     print(f"{'ppl':>14} " + " ".join(f"{data['perplexity'][m]:>13.3f}" for m in models))
     print(f"{'tokens':>14} " + " ".join(f"{data['tokens_processed'][m]:>13,}" for m in models))
 
@@ -165,8 +192,12 @@ def plot(report: RecallReport, path: str) -> None:
     for model in data["overall"]:
         distances = list(data["by_distance"])
         ax.plot(distances, [data["by_distance"][d][model] for d in distances], marker="o", label=model)
-    ax.set(xlabel="turns since the fact was told", ylabel="recall accuracy", ylim=(0, 1.02),
-           title="Memory recall on held-out dialogues")
+    ax.set(
+        xlabel="turns since the fact was told",
+        ylabel="recall accuracy",
+        ylim=(0, 1.02),
+        title="Memory recall on held-out dialogues",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
