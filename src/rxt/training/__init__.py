@@ -1,0 +1,1 @@
+"""Training: the four supervised RxT stages, the stateless baseline, the trainer and recipes."""

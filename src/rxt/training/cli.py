@@ -1,0 +1,30 @@
+"""`rxt train --recipe recipes/nano.yaml --out DIR`: every curriculum stage and the baseline, end to end.
+
+Multi-process: ``torchrun --nproc_per_node N -m rxt.cli train --recipe ... --out ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from rxt.training.pipeline import RecipeRun
+from rxt.training.recipe import load_recipe
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
+    parser.add_argument("--out", required=True, help="output directory: OUT/rxt and OUT/baseline")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe)
+    torch.set_num_threads(recipe.threads)
+    summary = RecipeRun(recipe, args.out, resume=args.resume, progress=not args.no_progress).run()
+    if summary:
+        print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,228 @@
+"""One recipe, end to end: tokenizer -> four RxT stages -> stateless baseline -> saved models.
+
+    out/tokenizer/tokenizer.json
+    out/checkpoints/<stage>.pt        exact-resume checkpoints (removed when the run completes)
+    out/metrics.jsonl                 every stage's training log
+    out/rxt/, out/baseline/           save_pretrained directories, each with recipe.yaml,
+                                      training_log.jsonl and (rxt) recall.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from functools import partial
+from pathlib import Path
+
+import torch
+import yaml
+
+from rxt.data.corpus import conversation_pairs, default_tokenizer_texts
+from rxt.data.dialogues import DialogueGenerator
+from rxt.model import ReactiveTransformer, StatelessLM
+from rxt.tokenizer import Tokenizer
+from rxt.training import stages
+from rxt.training.batches import Batch, DialogueSource, TextSource, batch_indices, rank_slice
+from rxt.training.recall import quick_recall
+from rxt.training.recipe import Recipe, SMATSpec, StageSpec, recipe_to_dict
+from rxt.training.trainer import Trainer, init_distributed
+
+log = logging.getLogger(__name__)
+
+# parameter-name prefixes each stage trains
+TRAINABLE = {
+    "joint_lm": ("embedding.", "decoder.", "encoder."),
+    "sft": ("embedding.", "decoder.", "encoder."),
+    "memory_attention": ("memory_attention.",),
+    "smat_frozen": ("embedding.", "decoder.", "stm."),
+    "smat": ("embedding.", "decoder.", "stm.", "encoder.", "memory_attention."),
+}
+
+
+def prefix_filter(prefixes: tuple[str, ...], exclude: tuple[str, ...] = ()):
+    return lambda name: name.startswith(prefixes) and not name.startswith(exclude)
+
+
+def smat_trainable(unfreeze_step: int):
+    """Gradual unfreezing: encoder and memory attention join the decoder at ``unfreeze_step``."""
+    unused = ("encoder.mlm_norm",)  # the MLM head plays no part in SMAT
+    frozen, full = prefix_filter(TRAINABLE["smat_frozen"], unused), prefix_filter(TRAINABLE["smat"], unused)
+    return lambda step: full if step >= unfreeze_step else frozen
+
+
+class RecipeRun:
+    """Everything one recipe needs: tokenizer, data sources, and a Trainer per stage."""
+
+    def __init__(self, recipe: Recipe, out: str | Path, resume: bool = False, progress: bool = True):
+        self.recipe, self.out, self.resume, self.progress = recipe, Path(out), resume, progress
+        self.rank, self.world = init_distributed()
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        self.metrics_path = self.out / "metrics.jsonl"
+        data = recipe.data
+        options = dict(min_turns=data.min_turns, max_turns=data.max_turns, max_distance=data.max_distance)
+        self.train_dialogues = DialogueGenerator(data.seed, "train", **options)
+        self.heldout_dialogues = DialogueGenerator(data.seed, "heldout", **options)
+        self.pairs = conversation_pairs() if data.corpus else []
+        self.tokenizer = self._tokenizer()
+
+    def _tokenizer(self) -> Tokenizer:
+        directory = self.out / "tokenizer"
+        if self.resume and (directory / "tokenizer.json").is_file():
+            return Tokenizer.load(directory)
+        if self.rank == 0:
+            spec = self.recipe.tokenizer
+            tokenizer = Tokenizer.train(default_tokenizer_texts(spec.synthetic_dialogues, self.recipe.data.seed),
+                                        vocab_size=spec.vocab_size)
+            directory.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(directory)
+        if self.world > 1:
+            torch.distributed.barrier()
+        return Tokenizer.load(directory)
+
+    # ---- batches -------------------------------------------------------------------------------
+    def _batch_fn(self, stage: str, spec: StageSpec, build):
+        population = self.recipe.data.train_dialogues
+
+        def make(step: int, micro: int, rank: int, world: int) -> Batch:
+            indices = batch_indices(self.recipe.seed, stage, step, spec.batch_size, population)
+            return build(rank_slice(indices, micro, spec.grad_accum, rank, world))
+
+        return make
+
+    def _eval_batches(self, spec: StageSpec, build) -> list[Batch]:
+        n = spec.batch_size // spec.grad_accum
+        return [build(list(range(i * n, (i + 1) * n))) for i in range(spec.eval_batches)]
+
+    def _sources(self, stage: str, model: torch.nn.Module):
+        """(train builder, held-out builder) of one stage."""
+        tok, c = self.tokenizer, model.config
+        if stage in ("joint_lm", "sft"):
+            chat = stage == "sft"
+            train = TextSource(tok, self.train_dialogues, self.pairs, chat, c.max_seq_len)
+            held = TextSource(tok, self.heldout_dialogues, [], chat, c.max_seq_len)
+            return train.batch, lambda idx: held.batch([2 * i for i in idx])
+        if stage == "baseline":
+            train, held = DialogueSource(tok, self.train_dialogues), DialogueSource(tok, self.heldout_dialogues)
+            return train.history_batch, held.history_batch
+        if stage == "memory_attention":
+            turns = self.recipe.stages.memory_attention.max_turns
+            train, held = DialogueSource(tok, self.train_dialogues, turns), DialogueSource(tok, self.heldout_dialogues, turns)
+            build = partial(DialogueSource.turns_batch, count="vectors", slots=c.stm_slots, layers=c.n_layers)
+            return partial(build, train), partial(build, held)
+        train, held = DialogueSource(tok, self.train_dialogues), DialogueSource(tok, self.heldout_dialogues)
+        return train.turns_batch, held.turns_batch
+
+    def _smat_batch_fn(self, spec: SMATSpec, full):
+        """SMAT batches; during the curriculum steps, from short dialogues (short recall distances) first."""
+        data = self.recipe.data
+        turns = spec.curriculum_max_turns
+        short = DialogueGenerator(data.seed, "train", min_turns=min(data.min_turns, turns), max_turns=turns,
+                                  max_distance=turns - 1)
+        short_source = DialogueSource(self.tokenizer, short)
+        short_fn = self._batch_fn("smat", spec, short_source.turns_batch)
+
+        def make(step: int, *rest):
+            batch = (short_fn if step < spec.curriculum_steps else full)(step, *rest)
+            if step < spec.encoder_memory_steps:
+                batch.data[0]["read_encoder"] = True
+            return batch
+
+        return make
+
+    def _loss_fn(self, stage: str, spec: StageSpec):
+        if stage in ("joint_lm", "sft"):
+            return partial(_joint_lm, spec=spec, mask_id=self.tokenizer.mask_id)
+        if stage == "memory_attention":
+            return partial(_memory_attention, spec=spec)
+        if stage == "smat":
+            return partial(_smat, spec=spec)
+        return stages.baseline_loss
+
+    def trainer(self, stage: str, model: torch.nn.Module) -> Trainer:
+        spec = getattr(self.recipe.stages, stage)
+        train_build, held_build = self._sources(stage, model)
+        make_batch = self._batch_fn(stage, spec, train_build)
+        if stage == "smat":
+            trainable = smat_trainable(spec.unfreeze_step)
+            make_batch = self._smat_batch_fn(spec, make_batch)
+        elif stage in TRAINABLE:
+            extra = ("memory_attention.",) if getattr(spec, "memory", "") == "stm" else ()
+            keep = prefix_filter(TRAINABLE[stage] + extra)
+            trainable = lambda step: keep  # noqa: E731
+        else:
+            trainable = None
+        return Trainer(
+            model=model, stage=stage, spec=spec, make_batch=make_batch,
+            loss_fn=self._loss_fn(stage, spec), work_dir=self.out, metrics_path=self.metrics_path,
+            eval_batches=self._eval_batches(spec, held_build) if self.rank == 0 else [],
+            trainable=trainable, seed=self.recipe.seed, log_every=self.recipe.log_every,
+            checkpoint_every=self.recipe.checkpoint_every, bf16_autocast=self.recipe.bf16_autocast,
+            progress=self.progress, extra_metrics={"model": "baseline" if stage == "baseline" else "rxt"},
+        )
+
+    # ---- the whole run -------------------------------------------------------------------------
+    def build_models(self) -> tuple[ReactiveTransformer, StatelessLM]:
+        torch.manual_seed(self.recipe.seed)
+        config = self.recipe.model.build(self.tokenizer.vocab_size)
+        rxt = ReactiveTransformer(config).to(self.device)
+        baseline = StatelessLM(config).to(self.device)
+        rxt.tokenizer = baseline.tokenizer = self.tokenizer
+        return rxt, baseline
+
+    def run(self) -> dict:
+        rxt, baseline = self.build_models()
+        for stage in ("joint_lm", "sft", "memory_attention", "smat"):
+            if getattr(self.recipe.stages, stage).steps:
+                self.trainer(stage, rxt).train(resume=self.resume)
+        if self.recipe.stages.baseline.steps:
+            self.trainer("baseline", baseline).train(resume=self.resume)
+        summary = {}
+        if self.rank == 0:
+            summary = self.save(rxt, baseline)
+        return summary
+
+    def recall(self, model: ReactiveTransformer, n: int | None = None) -> dict:
+        n = self.recipe.recall_dialogues if n is None else n
+        return quick_recall(model, self.tokenizer, self.heldout_dialogues.take(n))
+
+    def save(self, rxt: ReactiveTransformer, baseline: StatelessLM) -> dict:
+        for p in list(rxt.parameters()) + list(baseline.parameters()):
+            p.requires_grad_(True)
+        recall = self.recall(rxt)
+        log.info("held-out recall: %.3f overall, by distance %s", recall["overall"],
+                 {d: round(a, 2) for d, a in recall["by_distance"].items()})
+        summary = {"recall": recall, "tokens": self.token_summary()}
+        for name, model in (("rxt", rxt), ("baseline", baseline)):
+            directory = model.save_pretrained(self.out / name)
+            (directory / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(self.recipe), sort_keys=False))
+            if self.metrics_path.is_file():
+                lines = [line for line in self.metrics_path.read_text().splitlines() if f'"model": "{name}"' in line]
+                (directory / "training_log.jsonl").write_text("\n".join(lines) + "\n")
+        (self.out / "rxt" / "recall.json").write_text(json.dumps(summary, indent=2) + "\n")
+        shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+        return summary
+
+    def token_summary(self) -> dict:
+        """Tokens each model was trained on (from the log)."""
+        totals: dict[str, int] = {}
+        if self.metrics_path.is_file():
+            last: dict[str, int] = {}
+            for line in self.metrics_path.read_text().splitlines():
+                record = json.loads(line)
+                last[record["stage"]] = record["tokens_seen"]
+            totals = {"rxt": sum(v for k, v in last.items() if k != "baseline"), "rxt_smat": last.get("smat", 0),
+                      "baseline": last.get("baseline", 0)}
+        return totals
+
+
+def _joint_lm(model, data, generator, spec, mask_id):
+    return stages.joint_lm_loss(model, data, spec, mask_id, generator)
+
+
+def _memory_attention(model, data, generator, spec):
+    return stages.memory_attention_loss(model, data, spec, generator)
+
+
+def _smat(model, data, generator, spec):
+    return stages.smat_loss(model, data, spec, generator)

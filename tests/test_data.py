@@ -1,0 +1,125 @@
+import json
+import re
+
+import pytest
+
+from rxt.cli import main
+from rxt.data.corpus import conversation_pairs, corpus_directory, default_tokenizer_texts
+from rxt.data.dialogues import (
+    FACTS,
+    POOLS,
+    Dialogue,
+    DialogueGenerator,
+    Turn,
+    heldout_only_templates,
+    split_pool,
+)
+from rxt.data.jsonl import read_dialogues, validate, write_dialogues
+
+
+def test_generator_is_deterministic_and_random_access():
+    a, b = DialogueGenerator(3, "train"), DialogueGenerator(3, "train")
+    assert [a[i] for i in range(20)] == [b[i] for i in range(20)]
+    assert a[7] == DialogueGenerator(3, "train").take(8)[7]
+    assert a[0] != DialogueGenerator(4, "train")[0]
+
+
+def test_recall_turns_are_exact_and_distances_cover_the_range():
+    generator = DialogueGenerator(0, "heldout")
+    distances = set()
+    for dialogue in generator.take(400):
+        for t, turn in enumerate(dialogue.turns):
+            if turn.check:
+                value, distance = turn.check["value"], turn.check["distance"]
+                assert value in turn.answer
+                assert value in dialogue.turns[t - distance].query  # the latest statement of the fact
+                assert 1 <= distance <= 16
+                distances.add(distance)
+    assert distances == set(range(1, 17))
+
+
+def test_heldout_values_never_appear_in_training():
+    for name, values in POOLS.items():
+        train, held = set(split_pool(values, "train")), set(split_pool(values, "heldout"))
+        assert train and held and not train & held, name
+    every_train = {v.lower() for values in POOLS.values() for v in split_pool(values, "train")}
+    every_held = {v.lower() for values in POOLS.values() for v in split_pool(values, "heldout")}
+    assert not every_train & every_held  # no word is a training value in one pool and held out in another
+    train_values = {t.check["value"] for d in DialogueGenerator(0, "train").take(300) for t in d.turns if t.check}
+    held_values = {t.check["value"] for d in DialogueGenerator(0, "heldout").take(300) for t in d.turns if t.check}
+    assert held_values and not train_values & held_values
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(re.escape("{v}"), ".+") + "$")
+
+
+def test_heldout_templates_never_appear_in_training():
+    patterns = [_pattern(t) for t in heldout_only_templates()]
+    assert len(patterns) >= len(FACTS)
+    train_queries = {t.query for d in DialogueGenerator(0, "train").take(300) for t in d.turns}
+    assert not [q for q in train_queries for p in patterns if p.match(q)]
+    held_queries = {t.query for d in DialogueGenerator(0, "heldout").take(300) for t in d.turns}
+    assert any(p.match(q) for q in held_queries for p in patterns)
+
+
+def test_unknown_split_is_rejected():
+    with pytest.raises(ValueError, match="split"):
+        DialogueGenerator(0, "test")
+
+
+def test_jsonl_round_trip(tmp_path):
+    dialogues = DialogueGenerator(1, "train").take(5)
+    path = tmp_path / "d.jsonl"
+    assert write_dialogues(path, dialogues) == 5
+    assert read_dialogues(path) == dialogues
+    assert validate(path) == []
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("{not json", "bad JSON"),
+        ('{"turns": [{"query": "a", "answer": "b"}]}', "missing key 'id'"),
+        ('{"id": "x", "turns": []}', "'turns' is empty"),
+        ('{"id": "x", "turns": [{"query": 3, "answer": "b"}]}', "'query' must be a string"),
+        ('{"id": "x", "turns": [{"query": "a"}]}', "missing key 'answer'"),
+        ('{"id": "x", "turns": [{"query": "a", "answer": "b", "check": {"slot": "s", "value": "z", "distance": 1}}]}',
+         "does not appear in the answer"),
+        ('["a", "b"]', "expected a JSON object"),
+    ],
+)
+def test_malformed_jsonl_is_rejected_with_its_line(tmp_path, line, problem):
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"id": "ok", "turns": [{"query": "hi", "answer": "hello"}]})
+    path.write_text(f"{good}\n\n{line}\n")
+    problems = validate(path)
+    assert problems and problems[0].startswith(f"{path}:3: ") and problem in problems[0]
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}:3: "):
+        read_dialogues(path)
+
+
+def test_validate_command(tmp_path, capsys):
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    write_dialogues(good, [Dialogue("a", [Turn("hi", "hello")])])
+    bad.write_text('{"id": "a", "turns": "nope"}\n')
+    assert main(["data", "validate", str(good)]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert main(["data", "validate", str(bad)]) == 1
+    assert f"{bad}:1: 'turns' must be a list" in capsys.readouterr().out
+
+
+def test_tokenizer_texts_leave_out_entity_values():
+    texts = list(default_tokenizer_texts(30))
+    words = {w.strip(".,!?'").lower() for text in texts for w in text.split()}
+    held = {v.lower() for pool in POOLS.values() for v in split_pool(pool, "heldout")}
+    synthetic = set(texts[-30:])
+    assert synthetic and not {w for t in synthetic for w in t.lower().split()} & held
+    assert "my" in words
+
+
+@pytest.mark.skipif(corpus_directory() is None, reason="chatterbot-corpus not installed")
+def test_corpus_pairs():
+    pairs = conversation_pairs()
+    assert len(pairs) > 500
+    assert all(isinstance(q, str) and isinstance(a, str) and q and a for q, a in pairs)

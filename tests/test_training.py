@@ -1,0 +1,174 @@
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from rxt.cli import main
+from rxt.model import ReactiveTransformer
+from rxt.tokenizer import Tokenizer
+from rxt.training.batches import IGNORE, answer_labels, pad
+from rxt.training.pipeline import RecipeRun
+from rxt.training.recall import quick_recall
+from rxt.training.recipe import Recipe, load_recipe, parse
+from rxt.training.stages import pool_to_slots
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+TINY = Path(__file__).parent.parent / "recipes" / "tiny.yaml"
+DDP_STAGES = ("smat", "baseline")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A trained tiny-recipe tokenizer, copied into each run directory (saves re-training it)."""
+    out = tmp_path_factory.mktemp("tok")
+    RecipeRun(load_recipe(TINY), out, progress=False)
+    return out / "tokenizer"
+
+
+def tiny_run(out: Path, tokenizer_dir: Path, **stage_overrides) -> RecipeRun:
+    recipe = load_recipe(TINY)
+    for stage, values in stage_overrides.items():
+        for key, value in values.items():
+            setattr(getattr(recipe.stages, stage), key, value)
+    shutil.copytree(tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
+    return RecipeRun(recipe, out, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.stages.smat.steps > 0
+
+
+def test_recipe_rejects_unknown_and_mistyped_keys():
+    with pytest.raises(ValueError, match="unknown keys \\['stepz'\\]"):
+        parse(Recipe, {"stages": {"smat": {"stepz": 3}}}, "r.yaml")
+    with pytest.raises(ValueError, match="expected int"):
+        parse(Recipe, {"stages": {"smat": {"steps": "many"}}}, "r.yaml")
+
+
+def test_answer_labels_cover_answers_only(tokenizer_dir):
+    tok = Tokenizer.load(tokenizer_dir)
+    first, second = tok.interaction("hi there", "hello you"), tok.interaction("bye", "see you")
+    ids, _ = pad([first + second, first], tok.pad_id)
+    labels = answer_labels(ids, tok)
+    answer_len = len(tok.encode(" hello you")) + 1  # + [EOT]
+    assert (labels[1] != IGNORE).sum() == answer_len
+    assert labels[1, len(first) - 1] == tok.end_id and labels[1, len(first) - answer_len - 1] == IGNORE
+    assert (labels[0] != IGNORE).sum() == answer_len + len(tok.encode(" see you")) + 1
+
+
+def test_pool_to_slots_ignores_padding():
+    encoded = torch.randn(2, 6, 4)
+    mask = torch.tensor([[True] * 6, [True, True, False, False, False, False]])
+    pooled = pool_to_slots(encoded, mask, 3)
+    assert pooled.shape == (2, 3, 4)
+    torch.testing.assert_close(pooled[0, 0], encoded[0, :2].mean(0))
+    torch.testing.assert_close(pooled[1, 0], encoded[1, :2].mean(0))
+    torch.testing.assert_close(pooled[1, 2], encoded[1, :2].mean(0))  # empty window -> masked mean
+
+
+@pytest.mark.parametrize("stage", ["joint_lm", "sft", "memory_attention", "smat", "baseline"])
+def test_each_stage_loss_falls(tmp_path, tokenizer_dir, stage):
+    run = tiny_run(tmp_path, tokenizer_dir, **{stage: {"steps": 12, "lr": 1e-2, "warmup_steps": 1,
+                                                        "unfreeze_step": 0} if stage == "smat" else
+                                               {"steps": 12, "lr": 1e-2, "warmup_steps": 1}})
+    torch.manual_seed(0)
+    rxt, baseline = run.build_models()
+    trainer = run.trainer(stage, baseline if stage == "baseline" else rxt)
+    fixed = trainer.make_batch(0, 0, 0, 1)
+    trainer.make_batch = lambda *args: fixed  # overfit one batch: the loss must fall
+    trainer.checkpoint_every = 10**6
+    losses = [trainer.train_step()["loss"] for _ in range(12)]
+    assert losses[-1] < losses[0] - 0.05 * abs(losses[0]), losses
+
+
+def _smat_weights(out: Path, tokenizer_dir: Path, stop_after: int | None) -> dict:
+    run = tiny_run(out, tokenizer_dir, smat={"steps": 6, "unfreeze_step": 2})
+    torch.manual_seed(0)
+    rxt, _ = run.build_models()
+    trainer = run.trainer("smat", rxt)
+    trainer.checkpoint_every = 3
+    if stop_after is not None:  # interrupted run: stop after a checkpoint, then resume in a fresh trainer
+        while trainer.step < stop_after:
+            trainer.train_step()
+        trainer.save_checkpoint()
+        torch.manual_seed(123)
+        rxt, _ = run.build_models()  # different fresh weights: everything must come from the checkpoint
+        trainer = run.trainer("smat", rxt)
+    trainer.train(resume=True)
+    return {k: v.clone() for k, v in rxt.state_dict().items()}
+
+
+def test_resume_gives_identical_weights(tmp_path, tokenizer_dir):
+    straight = _smat_weights(tmp_path / "a", tokenizer_dir, None)
+    resumed = _smat_weights(tmp_path / "b", tokenizer_dir, 3)
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str, tokenizer_dir: str, result: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    weights = {stage: _train_stage(Path(out) / stage, Path(tokenizer_dir), stage) for stage in DDP_STAGES}
+    if rank == 0:
+        torch.save(weights, result)
+    torch.distributed.destroy_process_group()
+
+
+def _train_stage(out: Path, tokenizer_dir: Path, stage: str) -> dict:
+    run = tiny_run(out, tokenizer_dir, **{stage: {"steps": 3, "batch_size": 4, "grad_accum": 1}})
+    torch.manual_seed(0)
+    rxt, baseline = run.build_models()
+    model = baseline if stage == "baseline" else rxt
+    trainer = run.trainer(stage, model)
+    trainer.checkpoint_every = 10**6
+    for _ in range(3):
+        trainer.train_step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, tokenizer_dir):
+    """Two gloo processes with half the batch each end with the weights of one process (SMAT, baseline)."""
+    result = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two"), str(tokenizer_dir), str(result)),
+             nprocs=2, join=True)
+    double = torch.load(result)
+    for stage in DDP_STAGES:
+        single = _train_stage(tmp_path / "one" / stage, tokenizer_dir, stage)
+        for name, tensor in single.items():
+            torch.testing.assert_close(double[stage][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{stage}: {name}")
+
+
+def test_quick_recall_runs(tokenizer_dir):
+    from rxt.data.dialogues import DialogueGenerator
+
+    tok = Tokenizer.load(tokenizer_dir)
+    recipe = load_recipe(TINY)
+    model = ReactiveTransformer(recipe.model.build(tok.vocab_size))
+    dialogues = DialogueGenerator(0, "heldout", min_turns=3, max_turns=6, max_distance=4).take(4)
+    examples: list = []
+    result = quick_recall(model, tok, dialogues, max_new_tokens=4, examples=examples)
+    assert 0.0 <= result["overall"] <= 1.0 and result["n"] == len(examples) > 0
+
+
+def test_train_command_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", str(TINY), "--out", str(out), "--no-progress"]) == 0
+    for name in ("rxt", "baseline"):
+        files = {p.name for p in (out / name).iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "recipe.yaml", "training_log.jsonl"} <= files
+    assert not (out / "checkpoints").exists()
+    loaded = ReactiveTransformer.from_pretrained(out / "rxt")
+    assert loaded.tokenizer is not None
