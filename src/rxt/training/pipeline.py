@@ -1,7 +1,7 @@
 """One recipe, end to end: tokenizer -> four RxT stages -> stateless baseline -> saved models.
 
     out/tokenizer/tokenizer.json
-    out/checkpoints/<stage>.pt        exact-resume checkpoints (removed when the run completes)
+    out/checkpoints/<stage>.safetensors        exact-resume checkpoints (removed when the run completes)
     out/metrics.jsonl                 every stage's training log
     out/rxt/, out/baseline/           save_pretrained directories, each with recipe.yaml,
                                       training_log.jsonl and (rxt) recall.json

@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from rxt.training.batches import Batch
+from rxt.training.checkpoint import load_checkpoint, save_checkpoint
 from rxt.training.recipe import StageSpec
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class Trainer:
     spec: StageSpec
     make_batch: BatchFn
     loss_fn: LossFn
-    work_dir: Path  # checkpoints/<stage>.pt live here
+    work_dir: Path  # checkpoints/<stage>.safetensors live here
     metrics_path: Path | None = None
     eval_batches: list[Batch] = field(default_factory=list)
     trainable: Callable[[int], Callable[[str], bool]] | None = None  # step -> parameter-name filter
@@ -104,7 +105,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.spec))
         self.step = 0
         self.tokens_seen = 0
-        self.checkpoint_path = Path(self.work_dir) / "checkpoints" / f"{self.stage}.pt"
+        self.checkpoint_path = Path(self.work_dir) / "checkpoints" / f"{self.stage}.safetensors"
         self._wrapped: nn.Module | None = None
         self._trainable_key: tuple | None = None
 
@@ -133,16 +134,14 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
             }
-            tmp = self.checkpoint_path.with_suffix(".tmp")
-            torch.save(state, tmp)
-            tmp.replace(self.checkpoint_path)
+            save_checkpoint(self.checkpoint_path, state)
         if self.world > 1:
             dist.barrier()
 
     def load_checkpoint(self) -> bool:
         if not self.checkpoint_path.is_file():
             return False
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        state = load_checkpoint(self.checkpoint_path, self.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
