@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         f"RxT nano ({rxt.model.num_parameters() / 1e6:.1f}M parameters) vs stateless baseline "
         f"({baseline.model.num_parameters() / 1e6:.1f}M), dialogue {dialogue.id}, {len(dialogue.turns)} turns"
     )
+    print("(a 2M-parameter model trained for ~40 minutes on one CPU core: its recall is still weak; the README has"
+          " the measured numbers)")
     rows = play(rxt, baseline, dialogue)
     report = write_report(rows, Path(args.out))
     checks = [r for r in rows if "value" in r]
