@@ -18,3 +18,12 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block.replace("/tmp/", f"{tmp_path}/"), "README.md", "exec"), {})
     assert (tmp_path / "ada.rxt").is_file()
+
+
+def test_cli_reports_bad_input_without_a_traceback(capsys):
+    from rxt.cli import main
+
+    assert main(["eval", "recall"]) == 2
+    assert main(["train", "--recipe", "/nonexistent/recipe.yaml", "--out", "/tmp/unused"]) == 2
+    err = capsys.readouterr().err
+    assert "give --model" in err and "nonexistent" in err and "Traceback" not in err

@@ -55,7 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_missing", None):
         print(f"rxt: {args._missing} is not available in this build", file=sys.stderr)
         return 2
-    return importlib.import_module(args._module).run(args) or 0
+    try:
+        return importlib.import_module(args._module).run(args) or 0
+    except (ValueError, OSError) as error:  # bad input: a clear line, not a traceback (-v shows it)
+        if args.verbose:
+            raise
+        print(f"rxt: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
