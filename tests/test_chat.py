@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,3 +133,27 @@ def test_cli_refuses_baseline_mode_for_an_rxt_directory(model_dirs, capsys) -> N
 def test_cli_reports_a_missing_directory(tmp_path: Path, capsys) -> None:
     assert main(["chat", str(tmp_path / "missing")]) == 2
     assert "rxt chat:" in capsys.readouterr().err
+
+
+def test_a_command_imports_only_its_own_module():
+    """`rxt train` must run where the server's packages (uvicorn, fastapi) are not installed."""
+    code = ("import sys; from rxt.cli import build_parser; "
+            "build_parser(['train', '--recipe', 'r.yaml', '--out', 'o']).parse_args(['train', '--recipe', 'r.yaml', '--out', 'o']); "
+            "print(sorted(m for m in sys.modules if m.startswith(('rxt.serve', 'rxt.bench', 'uvicorn', 'fastapi'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_a_missing_dependency_is_named(monkeypatch, capsys):
+    import importlib
+
+    real = importlib.import_module
+
+    def fake(name, *args):
+        if name == "rxt.serve.app":
+            raise ModuleNotFoundError("No module named 'uvicorn'", name="uvicorn")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    assert main(["serve", "--model", "m"]) == 2
+    assert "needs the package 'uvicorn'" in capsys.readouterr().err

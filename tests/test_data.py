@@ -7,6 +7,7 @@ from rxt.cli import main
 from rxt.data.corpus import conversation_pairs, corpus_directory, default_tokenizer_texts
 from rxt.data.dialogues import (
     FACTS,
+    HELDOUT_WORDS,
     POOLS,
     Dialogue,
     DialogueGenerator,
@@ -113,9 +114,31 @@ def test_tokenizer_texts_leave_out_entity_values():
     texts = list(default_tokenizer_texts(30))
     words = {w.strip(".,!?'").lower() for text in texts for w in text.split()}
     held = {v.lower() for pool in POOLS.values() for v in split_pool(pool, "heldout")}
-    synthetic = set(texts[-30:])
-    assert synthetic and not {w for t in synthetic for w in t.lower().split()} & held
+    synthetic = texts[2 * len(conversation_pairs()) :]  # the dialogue lines and the invented-word lines
+    assert synthetic and not {w.strip(".,!?'") for t in synthetic for w in t.lower().split()} & held
     assert "my" in words
+
+
+def test_fresh_values_are_new_words_and_never_held_out():
+    def values(generator):
+        return [t.check["value"] for d in generator.take(300) for t in d.turns if t.check]
+
+    pooled = {v.lower() for pool in POOLS.values() for v in pool}
+    fresh = [v for v in values(DialogueGenerator(0, "train", fresh_values=1.0)) if not v.isdigit()]
+    assert fresh and not {v.lower() for v in fresh} & HELDOUT_WORDS
+    assert sum(v.lower() not in pooled for v in fresh) / len(fresh) > 0.9  # invented, not drawn from a pool
+    assert len(set(fresh)) > 0.9 * len(fresh)  # nearly every dialogue has its own
+    half = values(DialogueGenerator(0, "train", fresh_values=0.5))
+    share = sum(v.lower() not in pooled for v in half) / len(half)
+    assert 0.25 < share < 0.6  # ages always come from their pool
+    assert values(DialogueGenerator(0, "train", fresh_values=0.5)) == half  # still deterministic
+    assert DialogueGenerator(0, "train")[3] == DialogueGenerator(0, "train", fresh_values=0.0)[3]
+
+
+@pytest.mark.parametrize("split, share", [("heldout", 0.5), ("train", 1.5), ("train", -0.1)])
+def test_fresh_values_reject_bad_settings(split, share):
+    with pytest.raises(ValueError, match="fresh_values"):
+        DialogueGenerator(0, split, fresh_values=share)
 
 
 @pytest.mark.skipif(corpus_directory() is None, reason="chatterbot-corpus not installed")

@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import socket
@@ -6,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 
 from rxt.cli import main
-from rxt.model import ReactiveTransformer
+from rxt.model import ReactiveTransformer, StatelessLM
 from rxt.tokenizer import Tokenizer
 from rxt.training.batches import IGNORE, answer_labels, pad
 from rxt.training.pipeline import RecipeRun
@@ -172,3 +174,27 @@ def test_train_command_end_to_end(tmp_path):
     assert not (out / "checkpoints").exists()
     loaded = ReactiveTransformer.from_pretrained(out / "rxt")
     assert loaded.tokenizer is not None
+
+
+def test_train_only_one_model_each(tmp_path):
+    """--only rxt and --only baseline into one directory give what one full run gives."""
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", str(TINY), "--out", str(out), "--no-progress", "--only", "rxt"]) == 0
+    assert (out / "rxt" / "model.safetensors").is_file() and not (out / "baseline").exists()
+    assert "baseline" not in json.loads((out / "rxt" / "recall.json").read_text())["tokens"]
+    assert main(["train", "--recipe", str(TINY), "--out", str(out), "--no-progress", "--only", "baseline"]) == 0
+    assert (out / "baseline" / "model.safetensors").is_file()
+    full = tmp_path / "full"
+    assert main(["train", "--recipe", str(TINY), "--out", str(full), "--no-progress"]) == 0
+    for name, cls in (("rxt", ReactiveTransformer), ("baseline", StatelessLM)):
+        split, whole = cls.from_pretrained(out / name).state_dict(), cls.from_pretrained(full / name).state_dict()
+        assert all(torch.allclose(split[k], whole[k], atol=1e-5) for k in whole), name
+
+
+def test_recipe_rejects_a_bad_fresh_value_share(tmp_path):
+    recipe = yaml.safe_load(TINY.read_text())
+    recipe.setdefault("data", {})["fresh_values"] = 2.0
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="fresh_values"):
+        load_recipe(path)

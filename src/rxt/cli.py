@@ -22,7 +22,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """Every command is listed; only the one named in ``argv`` imports its module (and its
+    dependencies), so `rxt train` runs where the server's packages are not installed."""
+    chosen = _chosen_command(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="rxt", description="Reactive Transformer (RxT) toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     groups: dict[str, argparse._SubParsersAction] = {}
@@ -36,24 +39,31 @@ def build_parser() -> argparse.ArgumentParser:
                 groups[words[0]] = group.add_subparsers(dest="subcommand", required=True)
             sub = groups[words[0]].add_parser(words[1], help=help_text)
         sub.set_defaults(_module=module)
-        _lazy_arguments(sub, module)
+        if words == chosen:
+            _add_arguments(sub, module)
     return parser
 
 
-def _lazy_arguments(parser: argparse.ArgumentParser, module: str) -> None:
+def _chosen_command(argv: list[str]) -> tuple[str, ...] | None:
+    words = [a for a in argv if not a.startswith("-")]
+    return next((key for key in COMMANDS if tuple(words[: len(key)]) == key), None)
+
+
+def _add_arguments(parser: argparse.ArgumentParser, module: str) -> None:
     try:
         importlib.import_module(module).add_arguments(parser)
-    except ModuleNotFoundError as error:
-        if error.name is None or not (module == error.name or module.startswith(error.name + ".")):
-            raise  # a missing dependency of an existing command, not a missing command
-        parser.set_defaults(_missing=module)
+    except ModuleNotFoundError as error:  # a dependency of this command is not installed
+        parser.set_defaults(_missing=error.name or module)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "_missing", None):  # (a command that could not load knows no options)
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     if getattr(args, "_missing", None):
-        print(f"rxt: {args._missing} is not available in this build", file=sys.stderr)
+        print(f"rxt: this command needs the package {args._missing!r}, which is not installed", file=sys.stderr)
         return 2
     try:
         return importlib.import_module(args._module).run(args) or 0

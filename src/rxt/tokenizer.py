@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -65,7 +66,9 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / "tokenizer.json"
-        self.backend.save(str(path))
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.backend.save(str(partial))
+        os.replace(partial, path)  # atomic: a reader never sees half a file
         return path
 
     @classmethod

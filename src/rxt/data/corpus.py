@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
-from rxt.data.dialogues import POOLS, DialogueGenerator
+from rxt.data.dialogues import POOLS, DialogueGenerator, fresh_value
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,11 @@ def default_tokenizer_texts(n_synthetic: int = 2000, seed: int = 0) -> Iterator[
         for turn in generator[i].turns:
             yield without_values(turn.query)
             yield without_values(turn.answer)
+    # invented words made up for this (never a held-out value): the merges learn their syllables,
+    # so any value, seen or held out, is a few syllable tokens rather than a string of letters
+    rng = random.Random(f"rxt-tokenizer-words:{seed}")
+    for _ in range(n_synthetic):
+        yield " ".join(fresh_value(rng) for _ in range(8))
 
 
 _VALUES = {value.lower() for pool in POOLS.values() for value in pool}

@@ -11,7 +11,9 @@ uniformly from 1..max_distance, so an evaluation can report accuracy per distanc
 
 Splits: ``"train"`` and ``"heldout"`` draw entity values from disjoint pools, and a share of the
 statement/question templates (marked ``*`` below) is used only in ``"heldout"``. A model can
-answer a held-out question only by carrying the value through its memory.
+answer a held-out question only by carrying the value through its memory. With ``fresh_values=p``
+the train split draws a share p of its values as newly invented words (never a held-out one), so
+that a model cannot get by on memorising the training values and has to learn to copy.
 
 Generation is deterministic and random-access: dialogue ``i`` of (seed, split) is always the same.
 """
@@ -66,15 +68,21 @@ NUMBERS = [str(n) for n in range(18, 90)]
 
 
 
+ONSETS, VOWELS = "bdfgklmnprstvz", "aeiou"  # 70 syllables: every invented word is a few of them
+
+
+def invent_word(rng: random.Random, syllables: tuple[int, ...] = (2, 3), suffixes: tuple[str, ...] = ("",)) -> str:
+    """One pronounceable made-up word ("Runeba", "Kotiport")."""
+    word = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(rng.choice(syllables)))
+    return (word + rng.choice(suffixes)).capitalize()
+
+
 def invented_words(count: int, seed: str, syllables: tuple[int, ...] = (2, 3), suffixes: tuple[str, ...] = ("",)) -> list[str]:
-    """Pronounceable made-up words ("Runeba", "Kotiport"): thousands of values, so no model can
-    memorise the pool and recall has to copy the value out of memory, piece by piece."""
+    """Thousands of invented values, so recall has to copy the value out of memory, piece by piece."""
     rng = random.Random(seed)
-    onsets, vowels = "bdfgklmnprstvz", "aeiou"
     words: set[str] = set()
     while len(words) < count:
-        word = "".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(rng.choice(syllables)))
-        words.add((word + rng.choice(suffixes)).capitalize())
+        words.add(invent_word(rng, syllables, suffixes))
     return sorted(words)
 
 
@@ -211,6 +219,16 @@ def split_pool(values: list[str], split: str) -> list[str]:
 
 
 _TRAIN_WORDS = {v.lower() for pool in POOLS.values() for v in split_pool(pool, "train")}
+HELDOUT_WORDS = {v.lower() for pool in POOLS.values() for v in split_pool(pool, "heldout")}
+FRESH_SYLLABLES = (2, 3, 4)
+
+
+def fresh_value(rng: random.Random) -> str:
+    """A newly invented word that is no held-out value: training values nobody can memorise."""
+    while True:
+        word = invent_word(rng, FRESH_SYLLABLES)
+        if word.lower() not in HELDOUT_WORDS:
+            return word
 
 
 def split_templates(templates: tuple[str, ...], split: str) -> list[str]:
@@ -248,6 +266,7 @@ class DialogueGenerator:
         max_distance: int = 16,
         facts_per_dialogue: tuple[int, int] = (2, 5),
         update_prob: float = 0.25,
+        fresh_values: float = 0.0,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -255,7 +274,10 @@ class DialogueGenerator:
             raise ValueError(f"need 2 <= min_turns <= max_turns, got {min_turns}, {max_turns}")
         self.seed, self.split = seed, split
         self.min_turns, self.max_turns, self.max_distance = min_turns, max_turns, max_distance
+        if not 0.0 <= fresh_values <= 1.0 or (fresh_values and split != "train"):
+            raise ValueError(f"fresh_values is a probability for the train split, got {fresh_values} for {split!r}")
         self.facts_per_dialogue, self.update_prob = facts_per_dialogue, update_prob
+        self.fresh_values = fresh_values
         self.pools = {name: split_pool(values, split) for name, values in POOLS.items()}
         self.small_talk = [(q.lstrip("*"), a) for q, a in SMALL_TALK if split == "heldout" or q[0] != "*"]
 
@@ -297,8 +319,10 @@ class DialogueGenerator:
         return events
 
     def _value(self, rng: random.Random, fact: Fact, used: set[str]) -> str:
-        choices = [v for v in self.pools[fact.pool] if v not in used]
-        value = rng.choice(choices)
+        if self.fresh_values and fact.pool != "age" and rng.random() < self.fresh_values:
+            value = fresh_value(rng)  # a word no other dialogue needs to share: only copying recalls it
+        else:
+            value = rng.choice([v for v in self.pools[fact.pool] if v not in used])
         used.add(value)
         return value
 

@@ -211,6 +211,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="dialogue JSONL with check fields (default: synthetic held-out split)")
     parser.add_argument("--dialogues", type=int, default=200, help="synthetic held-out dialogues to generate")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                        help="synthetic split (train: values and phrasings seen in training, a memorisation check)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
@@ -227,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
 
         dialogues = read_dialogues(args.data)
     else:
-        dialogues = generate_dialogues(args.dialogues, seed=args.seed, split="heldout")
+        dialogues = generate_dialogues(args.dialogues, seed=args.seed, split=args.split)
     engines = build_engines(args.model, args.baseline, args.device)
     report = evaluate_recall(engines, dialogues, args.batch_size, args.max_new_tokens)
     print_table(report)

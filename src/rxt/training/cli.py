@@ -19,12 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory: OUT/rxt and OUT/baseline")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--only", choices=("rxt", "baseline"),
+                        help="train one model only (the two are independent: run both at once, same --out)")
 
 
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     torch.set_num_threads(recipe.threads)
-    summary = RecipeRun(recipe, args.out, resume=args.resume, progress=not args.no_progress).run()
+    summary = RecipeRun(recipe, args.out, resume=args.resume, progress=not args.no_progress).run(args.only)
     if summary:
         print(json.dumps(summary, indent=2))
     return 0

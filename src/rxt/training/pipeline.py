@@ -61,7 +61,7 @@ class RecipeRun:
         self.metrics_path = self.out / "metrics.jsonl"
         data = recipe.data
         options = dict(min_turns=data.min_turns, max_turns=data.max_turns, max_distance=data.max_distance)
-        self.train_dialogues = DialogueGenerator(data.seed, "train", **options)
+        self.train_dialogues = DialogueGenerator(data.seed, "train", fresh_values=data.fresh_values, **options)
         self.heldout_dialogues = DialogueGenerator(data.seed, "heldout", **options)
         self.pairs = conversation_pairs() if data.corpus else []
         self.tokenizer = self._tokenizer()
@@ -118,7 +118,7 @@ class RecipeRun:
         data = self.recipe.data
         turns = spec.curriculum_max_turns
         short = DialogueGenerator(data.seed, "train", min_turns=min(data.min_turns, turns), max_turns=turns,
-                                  max_distance=turns - 1)
+                                  max_distance=turns - 1, fresh_values=data.fresh_values)
         short_source = DialogueSource(self.tokenizer, short)
         short_fn = self._batch_fn("smat", spec, short_source.turns_batch)
 
@@ -170,37 +170,48 @@ class RecipeRun:
         rxt.tokenizer = baseline.tokenizer = self.tokenizer
         return rxt, baseline
 
-    def run(self) -> dict:
+    def run(self, only: str | None = None) -> dict:
+        """Train both models, or ``only="rxt"`` / ``only="baseline"``: they share nothing but the
+        tokenizer and the data, so two processes can train them at once into one output directory."""
+        if only not in (None, "rxt", "baseline"):
+            raise ValueError(f"only must be 'rxt' or 'baseline', got {only!r}")
         rxt, baseline = self.build_models()
-        for stage in ("joint_lm", "sft", "memory_attention", "smat"):
-            if getattr(self.recipe.stages, stage).steps:
-                self.trainer(stage, rxt).train(resume=self.resume)
-        if self.recipe.stages.baseline.steps:
+        if only != "baseline":
+            for stage in ("joint_lm", "sft", "memory_attention", "smat"):
+                if getattr(self.recipe.stages, stage).steps:
+                    self.trainer(stage, rxt).train(resume=self.resume)
+        if only != "rxt" and self.recipe.stages.baseline.steps:
             self.trainer("baseline", baseline).train(resume=self.resume)
         summary = {}
         if self.rank == 0:
-            summary = self.save(rxt, baseline)
+            models = {"rxt": rxt, "baseline": baseline} if only is None else {only: {"rxt": rxt, "baseline": baseline}[only]}
+            summary = self.save(models)
         return summary
 
     def recall(self, model: ReactiveTransformer, n: int | None = None) -> dict:
         n = self.recipe.recall_dialogues if n is None else n
         return quick_recall(model, self.tokenizer, self.heldout_dialogues.take(n))
 
-    def save(self, rxt: ReactiveTransformer, baseline: StatelessLM) -> dict:
-        for p in list(rxt.parameters()) + list(baseline.parameters()):
-            p.requires_grad_(True)
-        recall = self.recall(rxt)
-        log.info("held-out recall: %.3f overall, by distance %s", recall["overall"],
-                 {d: round(a, 2) for d, a in recall["by_distance"].items()})
-        summary = {"recall": recall, "tokens": self.token_summary()}
-        for name, model in (("rxt", rxt), ("baseline", baseline)):
+    def save(self, models: dict[str, ReactiveTransformer | StatelessLM]) -> dict:
+        for model in models.values():
+            for p in model.parameters():
+                p.requires_grad_(True)
+        summary: dict = {"tokens": self.token_summary()}
+        if "rxt" in models:
+            recall = summary["recall"] = self.recall(models["rxt"])
+            log.info("held-out recall: %.3f overall, by distance %s", recall["overall"],
+                     {d: round(a, 2) for d, a in recall["by_distance"].items()})
+            (self.out / "rxt").mkdir(parents=True, exist_ok=True)
+        for name, model in models.items():
             directory = model.save_pretrained(self.out / name)
             (directory / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(self.recipe), sort_keys=False))
             if self.metrics_path.is_file():
                 lines = [line for line in self.metrics_path.read_text().splitlines() if f'"model": "{name}"' in line]
                 (directory / "training_log.jsonl").write_text("\n".join(lines) + "\n")
-        (self.out / "rxt" / "recall.json").write_text(json.dumps(summary, indent=2) + "\n")
-        shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+        if "rxt" in models:
+            (self.out / "rxt" / "recall.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if len(models) == 2:  # with --only, the other process may still be using its checkpoint
+            shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
         return summary
 
     def token_summary(self) -> dict:
@@ -211,8 +222,11 @@ class RecipeRun:
             for line in self.metrics_path.read_text().splitlines():
                 record = json.loads(line)
                 last[record["stage"]] = record["tokens_seen"]
-            totals = {"rxt": sum(v for k, v in last.items() if k != "baseline"), "rxt_smat": last.get("smat", 0),
-                      "baseline": last.get("baseline", 0)}
+            rxt_stages = {k: v for k, v in last.items() if k != "baseline"}
+            if rxt_stages:
+                totals.update(rxt=sum(rxt_stages.values()), rxt_smat=last.get("smat", 0))
+            if "baseline" in last:
+                totals["baseline"] = last["baseline"]
         return totals
 
 

@@ -43,6 +43,7 @@ class DataSpec:
     train_dialogues: int = 100_000  # pool the batches are drawn from (generated on demand)
     heldout_dialogues: int = 64  # for held-out loss and the recall check
     corpus: bool = True  # mix chatterbot-corpus pairs into the language stages when installed
+    fresh_values: float = 0.0  # share of training values invented afresh (no value pool to memorise)
 
 
 @dataclass
@@ -127,6 +128,8 @@ class Recipe:
         if self.model.preset not in PRESETS:
             raise ValueError(f"model.preset {self.model.preset!r} is not one of {sorted(PRESETS)}")
         self.model.build(self.tokenizer.vocab_size)  # raises on bad overrides
+        if not 0.0 <= self.data.fresh_values <= 1.0:
+            raise ValueError(f"data.fresh_values is a probability in [0, 1], got {self.data.fresh_values}")
         for name in STAGE_ORDER:
             stage = getattr(self.stages, name)
             if stage.steps < 0 or stage.batch_size < 1 or stage.grad_accum < 1:
