@@ -146,3 +146,16 @@ def test_corpus_pairs():
     pairs = conversation_pairs()
     assert len(pairs) > 500
     assert all(isinstance(q, str) and isinstance(a, str) and q and a for q, a in pairs)
+
+
+def test_dialogue_list_wraps_and_truncates(tmp_path):
+    from rxt.data.jsonl import DialogueList
+
+    dialogues = DialogueGenerator(2, "train", min_turns=5, max_turns=8).take(3)
+    write_dialogues(tmp_path / "d.jsonl", dialogues)
+    listed = DialogueList.read(tmp_path / "d.jsonl")
+    assert len(listed) == 3 and listed[4] == dialogues[1] and listed.take(2, start=2) == [dialogues[2], dialogues[0]]
+    short = listed.shorter(2)
+    assert [len(d.turns) for d in short.take(3)] == [2, 2, 2] and short[0].turns == dialogues[0].turns[:2]
+    with pytest.raises(ValueError, match="no dialogues"):
+        DialogueList([], name="empty.jsonl")

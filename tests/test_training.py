@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from rxt.cli import main
+from rxt.data.dialogues import DialogueGenerator
 from rxt.model import ReactiveTransformer, StatelessLM
 from rxt.tokenizer import Tokenizer
 from rxt.training.batches import IGNORE, answer_labels, pad
@@ -198,3 +199,47 @@ def test_recipe_rejects_a_bad_fresh_value_share(tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(ValueError, match="fresh_values"):
         load_recipe(path)
+
+
+def test_training_on_your_own_jsonl_dialogues(tmp_path):
+    from rxt.data.jsonl import write_dialogues
+
+    own = DialogueGenerator(5, "train", min_turns=2, max_turns=5, max_distance=3).take(12)
+    held = DialogueGenerator(5, "heldout", min_turns=2, max_turns=5, max_distance=3).take(3)
+    write_dialogues(tmp_path / "train.jsonl", own)
+    write_dialogues(tmp_path / "held.jsonl", held)
+    recipe = yaml.safe_load(TINY.read_text())
+    recipe["data"].update(train_file=str(tmp_path / "train.jsonl"), heldout_file=str(tmp_path / "held.jsonl"))
+    path = tmp_path / "own.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", str(path), "--out", str(out), "--no-progress", "--only", "rxt"]) == 0
+    recall = json.loads((out / "rxt" / "recall.json").read_text())["recall"]
+    assert recall["n"] == sum(1 for d in held for t in d.turns if t.check)  # asked on the held-out file
+    seen = {t.query for d in own for t in d.turns}
+    vocab = Tokenizer.load(out / "tokenizer")
+    assert all(vocab.decode(vocab.encode(q)) == q for q in seen)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"train_file": "missing.jsonl"}, "no such file"),
+    ({"train_file": "RECIPE", "fresh_values": 0.5}, "fresh_values"),
+])
+def test_recipe_rejects_bad_data_files(tmp_path, data, message):
+    recipe = yaml.safe_load(TINY.read_text())
+    path = tmp_path / "r.yaml"
+    recipe["data"].update({k: str(path) if v == "RECIPE" else v for k, v in data.items()})
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises((ValueError, OSError), match=message):
+        load_recipe(path)
+
+
+def test_malformed_training_file_names_the_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "turns": [{"query": "hi", "answer": "hello"}]}\n{"id": "b"}\n')
+    recipe = yaml.safe_load(TINY.read_text())
+    recipe["data"]["train_file"] = str(bad)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", "--recipe", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert f"{bad}:2:" in capsys.readouterr().err

@@ -157,3 +157,35 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"{path}: OK")
     return 0
+
+
+class DialogueList:
+    """Dialogues from a file, indexed like a ``DialogueGenerator`` so training can use either.
+
+    ``dialogues[i]`` wraps around (index ``len + 3`` is dialogue 3 again: a second epoch), and
+    ``max_turns`` cuts every dialogue to its first turns (for the short-dialogue curriculum).
+    """
+
+    def __init__(self, dialogues: list[Dialogue], max_turns: int | None = None, name: str = "dialogues"):
+        if not dialogues:
+            raise ValueError(f"{name} holds no dialogues")
+        self.dialogues, self.max_turns, self.name = dialogues, max_turns, name
+
+    @classmethod
+    def read(cls, path: str | Path) -> DialogueList:
+        return cls(read_dialogues(path), name=str(path))
+
+    def __len__(self) -> int:
+        return len(self.dialogues)
+
+    def __getitem__(self, index: int) -> Dialogue:
+        dialogue = self.dialogues[index % len(self.dialogues)]
+        if self.max_turns is None or len(dialogue.turns) <= self.max_turns:
+            return dialogue
+        return Dialogue(dialogue.id, dialogue.turns[: self.max_turns])
+
+    def take(self, n: int, start: int = 0) -> list[Dialogue]:
+        return [self[i] for i in range(start, start + n)]
+
+    def shorter(self, max_turns: int) -> DialogueList:
+        return DialogueList(self.dialogues, max_turns, self.name)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
@@ -20,6 +21,7 @@ import yaml
 
 from rxt.data.corpus import conversation_pairs, default_tokenizer_texts
 from rxt.data.dialogues import DialogueGenerator
+from rxt.data.jsonl import DialogueList
 from rxt.model import ReactiveTransformer, StatelessLM
 from rxt.tokenizer import Tokenizer
 from rxt.training import stages
@@ -61,8 +63,18 @@ class RecipeRun:
         self.metrics_path = self.out / "metrics.jsonl"
         data = recipe.data
         options = dict(min_turns=data.min_turns, max_turns=data.max_turns, max_distance=data.max_distance)
-        self.train_dialogues = DialogueGenerator(data.seed, "train", fresh_values=data.fresh_values, **options)
-        self.heldout_dialogues = DialogueGenerator(data.seed, "heldout", **options)
+        self.train_dialogues: DialogueGenerator | DialogueList
+        self.heldout_dialogues: DialogueGenerator | DialogueList
+        if data.train_file:  # the user's own dialogues; batches index them, one epoch after another
+            self.train_dialogues = DialogueList.read(data.train_file)
+            self.population = len(self.train_dialogues)
+        else:
+            self.train_dialogues = DialogueGenerator(data.seed, "train", fresh_values=data.fresh_values, **options)
+            self.population = data.train_dialogues
+        if data.heldout_file:
+            self.heldout_dialogues = DialogueList.read(data.heldout_file)
+        else:
+            self.heldout_dialogues = DialogueGenerator(data.seed, "heldout", **options)
         self.pairs = conversation_pairs() if data.corpus else []
         self.tokenizer = self._tokenizer()
 
@@ -72,8 +84,11 @@ class RecipeRun:
             return Tokenizer.load(directory)
         if self.rank == 0:
             spec = self.recipe.tokenizer
-            tokenizer = Tokenizer.train(default_tokenizer_texts(spec.synthetic_dialogues, self.recipe.data.seed),
-                                        vocab_size=spec.vocab_size)
+            texts = default_tokenizer_texts(spec.synthetic_dialogues, self.recipe.data.seed)
+            if isinstance(self.train_dialogues, DialogueList):
+                own = (text for d in self.train_dialogues.dialogues for t in d.turns for text in (t.query, t.answer))
+                texts = itertools.chain(texts, own)
+            tokenizer = Tokenizer.train(texts, vocab_size=spec.vocab_size)
             directory.mkdir(parents=True, exist_ok=True)
             tokenizer.save(directory)
         if self.world > 1:
@@ -82,7 +97,7 @@ class RecipeRun:
 
     # ---- batches -------------------------------------------------------------------------------
     def _batch_fn(self, stage: str, spec: StageSpec, build):
-        population = self.recipe.data.train_dialogues
+        population = self.population
 
         def make(step: int, micro: int, rank: int, world: int) -> Batch:
             indices = batch_indices(self.recipe.seed, stage, step, spec.batch_size, population)
@@ -117,8 +132,11 @@ class RecipeRun:
         """SMAT batches; during the curriculum steps, from short dialogues (short recall distances) first."""
         data = self.recipe.data
         turns = spec.curriculum_max_turns
-        short = DialogueGenerator(data.seed, "train", min_turns=min(data.min_turns, turns), max_turns=turns,
-                                  max_distance=turns - 1, fresh_values=data.fresh_values)
+        if isinstance(self.train_dialogues, DialogueList):
+            short = self.train_dialogues.shorter(turns)
+        else:
+            short = DialogueGenerator(data.seed, "train", min_turns=min(data.min_turns, turns), max_turns=turns,
+                                      max_distance=turns - 1, fresh_values=data.fresh_values)
         short_source = DialogueSource(self.tokenizer, short)
         short_fn = self._batch_fn("smat", spec, short_source.turns_batch)
 
@@ -190,6 +208,8 @@ class RecipeRun:
 
     def recall(self, model: ReactiveTransformer, n: int | None = None) -> dict:
         n = self.recipe.recall_dialogues if n is None else n
+        if isinstance(self.heldout_dialogues, DialogueList):
+            n = min(n, len(self.heldout_dialogues))
         return quick_recall(model, self.tokenizer, self.heldout_dialogues.take(n))
 
     def save(self, models: dict[str, ReactiveTransformer | StatelessLM]) -> dict:

@@ -44,6 +44,10 @@ class DataSpec:
     heldout_dialogues: int = 64  # for held-out loss and the recall check
     corpus: bool = True  # mix chatterbot-corpus pairs into the language stages when installed
     fresh_values: float = 0.0  # share of training values invented afresh (no value pool to memorise)
+    # your own dialogues (JSONL, see docs/data.md) instead of the synthetic ones; paths are relative
+    # to the working directory. Without heldout_file the synthetic held-out split is the check.
+    train_file: str = ""
+    heldout_file: str = ""
 
 
 @dataclass
@@ -130,6 +134,12 @@ class Recipe:
         self.model.build(self.tokenizer.vocab_size)  # raises on bad overrides
         if not 0.0 <= self.data.fresh_values <= 1.0:
             raise ValueError(f"data.fresh_values is a probability in [0, 1], got {self.data.fresh_values}")
+        if self.data.train_file and self.data.fresh_values:
+            raise ValueError("data.fresh_values applies to synthetic dialogues, not to data.train_file")
+        for key in ("train_file", "heldout_file"):
+            path = getattr(self.data, key)
+            if path and not Path(path).is_file():
+                raise FileNotFoundError(f"data.{key}: no such file: {path}")
         for name in STAGE_ORDER:
             stage = getattr(self.stages, name)
             if stage.steps < 0 or stage.batch_size < 1 or stage.grad_accum < 1:
