@@ -243,3 +243,34 @@ def test_malformed_training_file_names_the_line(tmp_path, capsys):
     path.write_text(yaml.safe_dump(recipe))
     assert main(["train", "--recipe", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert f"{bad}:2:" in capsys.readouterr().err
+
+
+def test_a_run_continues_from_an_earlier_one(tmp_path):
+    first = tmp_path / "first"
+    assert main(["train", "--recipe", str(TINY), "--out", str(first), "--no-progress"]) == 0
+    recipe = yaml.safe_load(TINY.read_text())
+    recipe["init_from"] = str(first)
+    for stage in recipe["stages"].values():
+        stage["steps"] = 0
+    path = tmp_path / "again.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", "--recipe", str(path), "--out", str(tmp_path / "same"), "--no-progress"]) == 0
+    for name, cls in (("rxt", ReactiveTransformer), ("baseline", StatelessLM)):
+        a, b = cls.from_pretrained(first / name).state_dict(), cls.from_pretrained(tmp_path / "same" / name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)  # no steps: exactly the weights it started from
+    assert (tmp_path / "same" / "tokenizer" / "tokenizer.json").read_text() == (first / "rxt" / "tokenizer.json").read_text()
+
+    recipe["stages"]["smat"]["steps"] = 2
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", "--recipe", str(path), "--out", str(tmp_path / "more"), "--no-progress", "--only", "rxt"]) == 0
+    a, b = ReactiveTransformer.from_pretrained(first / "rxt").state_dict(), ReactiveTransformer.from_pretrained(tmp_path / "more" / "rxt").state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+    recipe["model"]["overrides"]["stm_slots"] = 4  # not the architecture it was trained with
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="stm_slots"):
+        main(["-v", "train", "--recipe", str(path), "--out", str(tmp_path / "bad"), "--no-progress"])
+    recipe["init_from"] = str(tmp_path / "nowhere")
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(OSError, match="holds no rxt"):
+        load_recipe(path)

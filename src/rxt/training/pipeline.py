@@ -82,6 +82,15 @@ class RecipeRun:
         directory = self.out / "tokenizer"
         if self.resume and (directory / "tokenizer.json").is_file():
             return Tokenizer.load(directory)
+        if self.recipe.init_from:  # a continued run keeps its tokenizer
+            init = Path(self.recipe.init_from)
+            source = next(init / n for n in ("rxt", "baseline") if (init / n / "tokenizer.json").is_file())
+            if self.rank == 0:
+                directory.mkdir(parents=True, exist_ok=True)
+                Tokenizer.load(source).save(directory)
+            if self.world > 1:
+                torch.distributed.barrier()
+            return Tokenizer.load(directory)
         if self.rank == 0:
             spec = self.recipe.tokenizer
             texts = default_tokenizer_texts(spec.synthetic_dialogues, self.recipe.data.seed)
@@ -183,10 +192,23 @@ class RecipeRun:
     def build_models(self) -> tuple[ReactiveTransformer, StatelessLM]:
         torch.manual_seed(self.recipe.seed)
         config = self.recipe.model.build(self.tokenizer.vocab_size)
-        rxt = ReactiveTransformer(config).to(self.device)
-        baseline = StatelessLM(config).to(self.device)
+        rxt, baseline = ReactiveTransformer(config), StatelessLM(config)
+        if self.recipe.init_from:
+            rxt, baseline = (self._initial(name, model) for name, model in (("rxt", rxt), ("baseline", baseline)))
+        rxt, baseline = rxt.to(self.device), baseline.to(self.device)
         rxt.tokenizer = baseline.tokenizer = self.tokenizer
         return rxt, baseline
+
+    def _initial(self, name: str, fresh: torch.nn.Module) -> torch.nn.Module:
+        """The init_from run's model ``name`` (or ``fresh`` when that run has none), checked against the recipe."""
+        directory = Path(self.recipe.init_from) / name
+        if not (directory / "model.safetensors").is_file():
+            return fresh
+        loaded = type(fresh).from_pretrained(directory)
+        if loaded.config != fresh.config:
+            differ = sorted(k for k, v in loaded.config.to_dict().items() if fresh.config.to_dict()[k] != v)
+            raise ValueError(f"init_from: {directory} is a different model than the recipe's (differs in {differ})")
+        return loaded
 
     def run(self, only: str | None = None) -> dict:
         """Train both models, or ``only="rxt"`` / ``only="baseline"``: they share nothing but the
