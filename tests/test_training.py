@@ -273,4 +273,4 @@ def test_a_run_continues_from_an_earlier_one(tmp_path):
     recipe["init_from"] = str(tmp_path / "nowhere")
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(OSError, match="holds no rxt"):
-        load_recipe(path)
+        main(["-v", "train", "--recipe", str(path), "--out", str(tmp_path / "bad"), "--no-progress"])

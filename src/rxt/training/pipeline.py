@@ -58,6 +58,10 @@ class RecipeRun:
 
     def __init__(self, recipe: Recipe, out: str | Path, resume: bool = False, progress: bool = True):
         self.recipe, self.out, self.resume, self.progress = recipe, Path(out), resume, progress
+        if recipe.init_from and not any((Path(recipe.init_from) / n / "model.safetensors").is_file()
+                                        for n in ("rxt", "baseline")):
+            raise FileNotFoundError(f"init_from: {recipe.init_from} holds no rxt/ or baseline/ model "
+                                    f"(train the recipe it continues first)")
         self.rank, self.world = init_distributed()
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         self.metrics_path = self.out / "metrics.jsonl"
@@ -65,7 +69,7 @@ class RecipeRun:
         options = dict(min_turns=data.min_turns, max_turns=data.max_turns, max_distance=data.max_distance)
         self.train_dialogues: DialogueGenerator | DialogueList
         self.heldout_dialogues: DialogueGenerator | DialogueList
-        if data.train_file:  # the user's own dialogues; batches index them, one epoch after another
+        if data.train_file:  # the user's own dialogues; every batch draws from them at random
             self.train_dialogues = DialogueList.read(data.train_file)
             self.population = len(self.train_dialogues)
         else:

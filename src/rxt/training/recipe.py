@@ -139,9 +139,6 @@ class Recipe:
             raise ValueError(f"data.fresh_values is a probability in [0, 1], got {self.data.fresh_values}")
         if self.data.train_file and self.data.fresh_values:
             raise ValueError("data.fresh_values applies to synthetic dialogues, not to data.train_file")
-        if self.init_from and not any((Path(self.init_from) / name / "model.safetensors").is_file()
-                                      for name in ("rxt", "baseline")):
-            raise FileNotFoundError(f"init_from: {self.init_from} holds no rxt/ or baseline/ model")
         for key in ("train_file", "heldout_file"):
             path = getattr(self.data, key)
             if path and not Path(path).is_file():
