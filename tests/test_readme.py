@@ -27,3 +27,16 @@ def test_cli_reports_bad_input_without_a_traceback(capsys):
     assert main(["train", "--recipe", "/nonexistent/recipe.yaml", "--out", "/tmp/unused"]) == 2
     err = capsys.readouterr().err
     assert "give --model" in err and "nonexistent" in err and "Traceback" not in err
+
+
+def test_shipped_models_load_and_name_their_recipes():
+    from rxt import load_model
+    from rxt.training.recipe import load_recipe
+
+    root = README.parent / "models" / "nano"
+    for name in ("rxt", "baseline"):
+        model = load_model(root / name)
+        recipe = load_recipe(root / name / "recipe.yaml")
+        assert model.config == recipe.model.build(model.config.vocab_size)
+        assert load_recipe(root / name / "continued_from" / "recipe.yaml").name == "nano"
+        assert recipe.init_from  # the long-dialogue recipe continues the first one
