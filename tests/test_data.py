@@ -159,3 +159,11 @@ def test_dialogue_list_wraps_and_truncates(tmp_path):
     assert [len(d.turns) for d in short.take(3)] == [2, 2, 2] and short[0].turns == dialogues[0].turns[:2]
     with pytest.raises(ValueError, match="no dialogues"):
         DialogueList([], name="empty.jsonl")
+
+
+def test_shorter_dialogues_keep_the_generator_settings():
+    generator = DialogueGenerator(0, "train", fresh_values=0.5)
+    short = generator.shorter(4)
+    same = DialogueGenerator(0, "train", min_turns=4, max_turns=4, max_distance=3, fresh_values=0.5)
+    assert short.take(20) == same.take(20)
+    assert all(len(d.turns) <= 4 and all(t.check["distance"] <= 3 for t in d.turns if t.check) for d in short.take(50))

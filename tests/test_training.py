@@ -177,6 +177,16 @@ def test_train_command_end_to_end(tmp_path):
     assert loaded.tokenizer is not None
 
 
+def tiny_recipe_file(tmp_path: Path, data: dict | None = None, **top) -> Path:
+    """The tiny recipe with some `data` keys and top-level keys changed, written to a file."""
+    recipe = yaml.safe_load(TINY.read_text())
+    recipe["data"].update(data or {})
+    recipe.update(top)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
 def test_train_only_one_model_each(tmp_path):
     """--only rxt and --only baseline into one directory give what one full run gives."""
     out = tmp_path / "run"
@@ -193,32 +203,34 @@ def test_train_only_one_model_each(tmp_path):
 
 
 def test_recipe_rejects_a_bad_fresh_value_share(tmp_path):
-    recipe = yaml.safe_load(TINY.read_text())
-    recipe.setdefault("data", {})["fresh_values"] = 2.0
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(ValueError, match="fresh_values"):
-        load_recipe(path)
+        load_recipe(tiny_recipe_file(tmp_path, {"fresh_values": 2.0}))
 
 
-def test_training_on_your_own_jsonl_dialogues(tmp_path):
+def test_training_on_your_own_jsonl_dialogues(tmp_path, monkeypatch):
     from rxt.data.jsonl import write_dialogues
 
     own = DialogueGenerator(5, "train", min_turns=2, max_turns=5, max_distance=3).take(12)
+    own[0].turns[0].query = "Zyxwvut is a word only my file has."
     held = DialogueGenerator(5, "heldout", min_turns=2, max_turns=5, max_distance=3).take(3)
     write_dialogues(tmp_path / "train.jsonl", own)
     write_dialogues(tmp_path / "held.jsonl", held)
-    recipe = yaml.safe_load(TINY.read_text())
-    recipe["data"].update(train_file=str(tmp_path / "train.jsonl"), heldout_file=str(tmp_path / "held.jsonl"))
-    path = tmp_path / "own.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = tiny_recipe_file(tmp_path, {"train_file": str(tmp_path / "train.jsonl"),
+                                       "heldout_file": str(tmp_path / "held.jsonl")})
+    learned_from: list[str] = []
+    real_train = Tokenizer.train.__func__
+
+    def train(cls, texts, **kwargs):
+        texts = list(texts)
+        learned_from.extend(texts)
+        return real_train(cls, texts, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "train", classmethod(train))
     out = tmp_path / "run"
     assert main(["train", "--recipe", str(path), "--out", str(out), "--no-progress", "--only", "rxt"]) == 0
+    assert own[0].turns[0].query in learned_from  # the tokenizer learned from the file
     recall = json.loads((out / "rxt" / "recall.json").read_text())["recall"]
     assert recall["n"] == sum(1 for d in held for t in d.turns if t.check)  # asked on the held-out file
-    seen = {t.query for d in own for t in d.turns}
-    vocab = Tokenizer.load(out / "tokenizer")
-    assert all(vocab.decode(vocab.encode(q)) == q for q in seen)
 
 
 @pytest.mark.parametrize("data, message", [
@@ -226,10 +238,8 @@ def test_training_on_your_own_jsonl_dialogues(tmp_path):
     ({"train_file": "RECIPE", "fresh_values": 0.5}, "fresh_values"),
 ])
 def test_recipe_rejects_bad_data_files(tmp_path, data, message):
-    recipe = yaml.safe_load(TINY.read_text())
-    path = tmp_path / "r.yaml"
-    recipe["data"].update({k: str(path) if v == "RECIPE" else v for k, v in data.items()})
-    path.write_text(yaml.safe_dump(recipe))
+    existing = str(TINY)  # any file that exists
+    path = tiny_recipe_file(tmp_path, {k: existing if v == "RECIPE" else v for k, v in data.items()})
     with pytest.raises((ValueError, OSError), match=message):
         load_recipe(path)
 
@@ -237,10 +247,7 @@ def test_recipe_rejects_bad_data_files(tmp_path, data, message):
 def test_malformed_training_file_names_the_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "turns": [{"query": "hi", "answer": "hello"}]}\n{"id": "b"}\n')
-    recipe = yaml.safe_load(TINY.read_text())
-    recipe["data"]["train_file"] = str(bad)
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = tiny_recipe_file(tmp_path, {"train_file": str(bad)})
     assert main(["train", "--recipe", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert f"{bad}:2:" in capsys.readouterr().err
 

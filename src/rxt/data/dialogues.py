@@ -296,6 +296,11 @@ class DialogueGenerator:
     def take(self, n: int, start: int = 0) -> list[Dialogue]:
         return [self[i] for i in range(start, start + n)]
 
+    def shorter(self, max_turns: int) -> DialogueGenerator:
+        """The same kind of dialogues, at most ``max_turns`` long (recall distances < max_turns)."""
+        return DialogueGenerator(self.seed, self.split, min(self.min_turns, max_turns), max_turns, max_turns - 1,
+                                 self.facts_per_dialogue, self.update_prob, self.fresh_values)
+
     def _plan(self, rng: random.Random, n_turns: int) -> dict[int, _Event]:
         """Place (state, [update], ask) triples on distinct turns; distances uniform in 1..max_distance."""
         events: dict[int, _Event] = {}

@@ -143,13 +143,7 @@ class RecipeRun:
 
     def _smat_batch_fn(self, spec: SMATSpec, full):
         """SMAT batches; during the curriculum steps, from short dialogues (short recall distances) first."""
-        data = self.recipe.data
-        turns = spec.curriculum_max_turns
-        if isinstance(self.train_dialogues, DialogueList):
-            short = self.train_dialogues.shorter(turns)
-        else:
-            short = DialogueGenerator(data.seed, "train", min_turns=min(data.min_turns, turns), max_turns=turns,
-                                      max_distance=turns - 1, fresh_values=data.fresh_values)
+        short = self.train_dialogues.shorter(spec.curriculum_max_turns)  # generated or read: either can be cut short
         short_source = DialogueSource(self.tokenizer, short)
         short_fn = self._batch_fn("smat", spec, short_source.turns_batch)
 
@@ -228,7 +222,8 @@ class RecipeRun:
             self.trainer("baseline", baseline).train(resume=self.resume)
         summary = {}
         if self.rank == 0:
-            models = {"rxt": rxt, "baseline": baseline} if only is None else {only: {"rxt": rxt, "baseline": baseline}[only]}
+            both = {"rxt": rxt, "baseline": baseline}
+            models = both if only is None else {only: both[only]}
             summary = self.save(models)
         return summary
 
