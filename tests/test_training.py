@@ -121,6 +121,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, tokenizer_dir: str, 
     weights = {stage: _train_stage(Path(out) / stage, Path(tokenizer_dir), stage) for stage in DDP_STAGES}
     if rank == 0:
         torch.save(weights, result)
+    torch.distributed.barrier()  # neither process tears gloo down while the other still talks to it
     torch.distributed.destroy_process_group()
 
 
