@@ -135,6 +135,24 @@ def test_fresh_values_are_new_words_and_never_held_out():
     assert DialogueGenerator(0, "train")[3] == DialogueGenerator(0, "train", fresh_values=0.0)[3]
 
 
+def test_english_fresh_values_take_their_pools_case():
+    generator = DialogueGenerator(0, "train", fresh_values=1.0, fresh_words="english")
+    lowercase = {f.slot for f in FACTS if POOLS[f.pool][0].islower()}
+    asked = [t.check for d in generator.take(300) for t in d.turns if t.check and t.check["slot"] != "age"]
+    assert {c["slot"] for c in asked} & lowercase and {c["slot"] for c in asked} - lowercase
+    for check in asked:  # "bleanots" for a food, "Stook" for a name: same shape as the real words there
+        value = check["value"]
+        assert value == (value.lower() if check["slot"] in lowercase else value.capitalize()), check
+    values = [c["value"] for c in asked]
+    assert not {v.lower() for v in values} & HELDOUT_WORDS and len(set(values)) > 0.8 * len(values)
+    syllables = DialogueGenerator(0, "train", fresh_values=1.0)  # the default keeps its old shape
+    assert all(t.check["value"].istitle() for d in syllables.take(50) for t in d.turns if t.check
+               and t.check["slot"] != "age")
+    assert generator.shorter(4).fresh_words == "english"
+    with pytest.raises(ValueError, match="fresh_words"):
+        DialogueGenerator(0, "train", fresh_values=0.5, fresh_words="klingon")
+
+
 @pytest.mark.parametrize("split, share", [("heldout", 0.5), ("train", 1.5), ("train", -0.1)])
 def test_fresh_values_reject_bad_settings(split, share):
     with pytest.raises(ValueError, match="fresh_values"):

@@ -39,6 +39,11 @@ def test_report_counts_every_question_and_tokens_follow_the_cost_model(engines):
     report = evaluate_recall(engines, dialogues, batch_size=2, max_new_tokens=4, progress=False).to_dict()
     asked = sum(1 for d in dialogues for t in d.turns if t.check)
     assert sum(report["questions_by_distance"].values()) == asked
+    slots = {t.check["slot"] for d in dialogues for t in d.turns if t.check}
+    assert set(report["by_slot"]) == slots and sum(report["questions_by_slot"].values()) == asked
+    for model in engines:  # the slots split the same hits as the distances do
+        right = sum(report["by_slot"][s][model] * report["questions_by_slot"][s] for s in slots)
+        assert right == pytest.approx(report["overall"][model] * asked)
     assert set(report["perplexity"]) == set(engines)
     tokens = report["tokens_processed"]
     assert tokens["current_turn"] < tokens["window"] < tokens["stateless"]  # history re-read costs

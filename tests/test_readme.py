@@ -38,5 +38,8 @@ def test_shipped_models_load_and_name_their_recipes():
         model = load_model(root / name)
         recipe = load_recipe(root / name / "recipe.yaml")
         assert model.config == recipe.model.build(model.config.vocab_size)
-        assert load_recipe(root / name / "continued_from" / "recipe.yaml").name == "nano"
-        assert recipe.init_from  # the long-dialogue recipe continues the first one
+        chain = [recipe.name]  # each recipe continues the run of the one before, down to the first
+        while recipe.init_from:
+            recipe = load_recipe(root / name / "continued_from" / Path(recipe.init_from).name / "recipe.yaml")
+            chain.append(recipe.name)
+        assert chain == ["nano-words", "nano-long", "nano"]

@@ -13,11 +13,11 @@ from rxt.cli import main
 from rxt.data.dialogues import DialogueGenerator
 from rxt.model import ReactiveTransformer, StatelessLM
 from rxt.tokenizer import Tokenizer
-from rxt.training.batches import IGNORE, answer_labels, pad
+from rxt.training.batches import IGNORE, DialogueSource, answer_labels, pad
 from rxt.training.pipeline import RecipeRun
 from rxt.training.recall import quick_recall
 from rxt.training.recipe import Recipe, load_recipe, parse
-from rxt.training.stages import pool_to_slots
+from rxt.training.stages import pool_to_slots, token_loss_sum
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 TINY = Path(__file__).parent.parent / "recipes" / "tiny.yaml"
@@ -203,6 +203,32 @@ def test_train_only_one_model_each(tmp_path):
         assert all(torch.allclose(split[k], whole[k], atol=1e-5) for k in whole), name
 
 
+def test_recall_answers_weigh_recall_weight_in_both_models_losses(tokenizer_dir):
+    tok = Tokenizer.load(tokenizer_dir)
+    generator, indices = DialogueGenerator(0, "train", max_turns=8), list(range(6))
+    plain, heavy = DialogueSource(tok, generator), DialogueSource(tok, generator, recall_weight=3.0)
+    history = heavy.history_batch(indices)
+    labels, weights = history.data["labels"], history.data["weights"]
+    recall_targets = 0
+    for row, i in enumerate(indices):  # the heavy positions are exactly the answers to recall questions
+        expected = [x for t in generator[i].turns if t.check
+                    for x in tok.interaction(t.query, t.answer)[len(tok.prompt(t.query)):]]
+        assert labels[row][(weights[row] == 3.0) & (labels[row] != IGNORE)].tolist() == expected
+        recall_targets += len(expected)
+    assert recall_targets > 0
+    assert history.count - plain.history_batch(indices).count == 2 * recall_targets
+    turns = heavy.turns_batch(indices)  # SMAT weighs the same answers: the two models train alike
+    assert turns.count - plain.turns_batch(indices).count == 2 * recall_targets
+    for t, turn in enumerate(turns.data):
+        asked = [t < len(generator[i].turns) and generator[i].turns[t].check is not None for i in indices]
+        assert (turn["weights"][:, 0] == 3.0).tolist() == asked
+    logits = torch.randn(*labels.shape, tok.vocab_size)
+    assert torch.allclose(token_loss_sum(logits, labels, torch.ones(labels.shape)), token_loss_sum(logits, labels))
+    by_row = [token_loss_sum(logits[r : r + 1], labels[r : r + 1], weights[r : r + 1]) for r in range(len(indices))]
+    assert torch.allclose(token_loss_sum(logits, labels, weights), sum(by_row))
+    assert token_loss_sum(logits, labels, weights) > token_loss_sum(logits, labels)
+
+
 def test_recipe_rejects_a_bad_fresh_value_share(tmp_path):
     with pytest.raises(ValueError, match="fresh_values"):
         load_recipe(tiny_recipe_file(tmp_path, {"fresh_values": 2.0}))
@@ -237,6 +263,8 @@ def test_training_on_your_own_jsonl_dialogues(tmp_path, monkeypatch):
 @pytest.mark.parametrize("data, message", [
     ({"train_file": "missing.jsonl"}, "no such file"),
     ({"train_file": "RECIPE", "fresh_values": 0.5}, "fresh_values"),
+    ({"fresh_values": 0.5, "fresh_words": "klingon"}, "fresh_words"),
+    ({"recall_weight": 0}, "recall_weight"),
 ])
 def test_recipe_rejects_bad_data_files(tmp_path, data, message):
     existing = str(TINY)  # any file that exists

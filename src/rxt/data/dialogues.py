@@ -13,7 +13,9 @@ Splits: ``"train"`` and ``"heldout"`` draw entity values from disjoint pools, an
 statement/question templates (marked ``*`` below) is used only in ``"heldout"``. A model can
 answer a held-out question only by carrying the value through its memory. With ``fresh_values=p``
 the train split draws a share p of its values as newly invented words (never a held-out one), so
-that a model cannot get by on memorising the training values and has to learn to copy.
+that a model cannot get by on memorising the training values and has to learn to copy;
+``fresh_words="english"`` makes them English-looking and lower case where the pool's words are, so
+the copying also covers the sub-words real held-out words ("carrots", "painter") split into.
 
 Generation is deterministic and random-access: dialogue ``i`` of (seed, split) is always the same.
 """
@@ -221,13 +223,38 @@ def split_pool(values: list[str], split: str) -> list[str]:
 _TRAIN_WORDS = {v.lower() for pool in POOLS.values() for v in split_pool(pool, "train")}
 HELDOUT_WORDS = {v.lower() for pool in POOLS.values() for v in split_pool(pool, "heldout")}
 FRESH_SYLLABLES = (2, 3, 4)
+FRESH_WORDS = ("syllables", "english")
+
+# English-looking pieces: consonant clusters, vowel pairs, codas and endings, so that invented words
+# split into the same sub-words as real ones ("carrots" -> c ar r ots, "Lucky" -> L u ck y)
+_EN_ONSETS = "b c d f g h j k l m n p r s t v w z bl br ch cl cr dr fl fr gl gr pl pr sc sh sl sn sp st tr".split()
+_EN_VOWELS = "a e i o u a e i o u a e i o u ai ea ee oo ou".split()
+_EN_CODAS = "- - - - - - - - b ck d ff g ll m n nd ng nk nt p r rd rn rt s sh ss st t x".split()
+_EN_ENDINGS = "- - - - - - er ing s y le et on ots ie ard ton".split()
 
 
-def fresh_value(rng: random.Random) -> str:
-    """A newly invented word that is no held-out value: training values nobody can memorise."""
+def english_word(rng: random.Random) -> str:
+    """One invented English-looking word, lower case ("strouckle", "bleanots")."""
+    pieces = [rng.choice(_EN_ONSETS) + rng.choice(_EN_VOWELS) + rng.choice(_EN_CODAS) for _ in range(rng.choice((1, 1, 2)))]
+    return ("".join(pieces) + rng.choice(_EN_ENDINGS)).replace("-", "")
+
+
+def fresh_value(rng: random.Random, words: str = "syllables", lowercase: bool = False) -> str:
+    """A newly invented word that is no held-out value: training values nobody can memorise.
+
+    words="syllables": capitalised consonant-vowel syllables ("Runeba"). words="english": English-looking
+    words with clusters and endings, lower case where the pool's words are (colours, foods, jobs, sports),
+    so that copying also learns the sub-words real held-out words split into.
+    """
+    if words not in FRESH_WORDS:
+        raise ValueError(f"fresh words must be one of {FRESH_WORDS}, got {words!r}")
     while True:
-        word = invent_word(rng, FRESH_SYLLABLES)
-        if word.lower() not in HELDOUT_WORDS:
+        if words == "syllables":
+            word = invent_word(rng, FRESH_SYLLABLES)
+        else:
+            word = english_word(rng)
+            word = word if lowercase else word.capitalize()
+        if len(word) > 2 and word.lower() not in HELDOUT_WORDS:
             return word
 
 
@@ -267,6 +294,7 @@ class DialogueGenerator:
         facts_per_dialogue: tuple[int, int] = (2, 5),
         update_prob: float = 0.25,
         fresh_values: float = 0.0,
+        fresh_words: str = "syllables",
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -277,7 +305,9 @@ class DialogueGenerator:
         if not 0.0 <= fresh_values <= 1.0 or (fresh_values and split != "train"):
             raise ValueError(f"fresh_values is a probability for the train split, got {fresh_values} for {split!r}")
         self.facts_per_dialogue, self.update_prob = facts_per_dialogue, update_prob
-        self.fresh_values = fresh_values
+        if fresh_words not in FRESH_WORDS:
+            raise ValueError(f"fresh_words must be one of {FRESH_WORDS}, got {fresh_words!r}")
+        self.fresh_values, self.fresh_words = fresh_values, fresh_words
         self.pools = {name: split_pool(values, split) for name, values in POOLS.items()}
         self.small_talk = [(q.lstrip("*"), a) for q, a in SMALL_TALK if split == "heldout" or q[0] != "*"]
 
@@ -299,7 +329,7 @@ class DialogueGenerator:
     def shorter(self, max_turns: int) -> DialogueGenerator:
         """The same kind of dialogues, at most ``max_turns`` long (recall distances < max_turns)."""
         return DialogueGenerator(self.seed, self.split, min(self.min_turns, max_turns), max_turns, max_turns - 1,
-                                 self.facts_per_dialogue, self.update_prob, self.fresh_values)
+                                 self.facts_per_dialogue, self.update_prob, self.fresh_values, self.fresh_words)
 
     def _plan(self, rng: random.Random, n_turns: int) -> dict[int, _Event]:
         """Place (state, [update], ask) triples on distinct turns; distances uniform in 1..max_distance."""
@@ -325,7 +355,8 @@ class DialogueGenerator:
 
     def _value(self, rng: random.Random, fact: Fact, used: set[str]) -> str:
         if self.fresh_values and fact.pool != "age" and rng.random() < self.fresh_values:
-            value = fresh_value(rng)  # a word no other dialogue needs to share: only copying recalls it
+            # a word no other dialogue needs to share: only copying recalls it
+            value = fresh_value(rng, self.fresh_words, lowercase=self.pools[fact.pool][0].islower())
         else:
             value = rng.choice([v for v in self.pools[fact.pool] if v not in used])
         used.add(value)

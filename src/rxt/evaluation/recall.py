@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 class RecallReport:
     hits: dict[str, dict[int, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
     asked: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    # the same by kind of fact ("city", "food", ...), for questions whose check names its slot
+    slot_hits: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    slot_asked: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     nll: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     scored_tokens: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     tokens_processed: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -44,6 +47,9 @@ class RecallReport:
             total = sum(self.asked.values())
             return sum(self.hits[model].values()) / total if total else float("nan")
         return self.hits[model][distance] / self.asked[distance] if self.asked[distance] else float("nan")
+
+    def slot_accuracy(self, model: str, slot: str) -> float:
+        return self.slot_hits[model][slot] / self.slot_asked[slot] if self.slot_asked[slot] else float("nan")
 
     def perplexity(self, model: str) -> float:
         return (
@@ -58,6 +64,8 @@ class RecallReport:
             "by_distance": {d: {m: self.accuracy(m, d) for m in models} for d in sorted(self.asked)},
             "questions_by_distance": {d: self.asked[d] for d in sorted(self.asked)},
             "overall": {m: self.accuracy(m) for m in models},
+            "by_slot": {s: {m: self.slot_accuracy(m, s) for m in models} for s in sorted(self.slot_asked)},
+            "questions_by_slot": {s: self.slot_asked[s] for s in sorted(self.slot_asked)},
             "perplexity": {m: self.perplexity(m) for m in models},
             "tokens_processed": dict(self.tokens_processed),
             "examples": self.examples[:20],
@@ -85,6 +93,8 @@ def evaluate_recall(
             for turn in d.turns:
                 if turn.check:
                     report.asked[turn.check["distance"]] += 1
+                    if "slot" in turn.check:
+                        report.slot_asked[turn.check["slot"]] += 1
         for name, engine in engines.items():
             _run_batch(name, engine, batch, sampling, report)
             bar.update()
@@ -108,6 +118,8 @@ def _run_batch(
             for (_, turn), reply in zip(asking, replies, strict=True):
                 right = is_correct(reply.text, turn.check["value"])
                 report.hits[name][turn.check["distance"]] += right
+                if "slot" in turn.check:
+                    report.slot_hits[name][turn.check["slot"]] += right
                 if len(report.examples) < 200:
                     report.examples.append(
                         {
@@ -179,6 +191,10 @@ def print_table(report: RecallReport) -> None:
     )
     print(f"{'ppl':>14} " + " ".join(f"{data['perplexity'][m]:>13.3f}" for m in models))
     print(f"{'tokens':>14} " + " ".join(f"{data['tokens_processed'][m]:>13,}" for m in models))
+    if data["by_slot"]:
+        print(f"\n{'fact':>12} {'n':>5} " + " ".join(f"{m:>13}" for m in models))
+        for slot, row in data["by_slot"].items():
+            print(f"{slot:>12} {data['questions_by_slot'][slot]:>5} " + " ".join(f"{row[m]:>13.1%}" for m in models))
 
 
 def plot(report: RecallReport, path: str) -> None:

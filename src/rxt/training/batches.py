@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from rxt.data.dialogues import Dialogue, DialogueGenerator
+from rxt.data.dialogues import Dialogue, DialogueGenerator, Turn
 from rxt.tokenizer import Tokenizer
 
 IGNORE = -100  # label of positions without loss
@@ -23,7 +23,7 @@ IGNORE = -100  # label of positions without loss
 @dataclass
 class Batch:
     data: Any  # what the stage's loss function reads
-    count: int  # loss terms in this batch (targets, or vectors for cosine losses): the normaliser
+    count: float  # loss terms in this batch (weighted targets, or vectors for cosine losses): the normaliser
     tokens: int  # real (non-pad) tokens the networks process
 
 
@@ -94,8 +94,20 @@ class TextSource:
         return Batch({"ids": ids, "mask": mask}, count=int(mask[:, 1:].sum()), tokens=int(mask.sum()))
 
 
-def turn_batches(dialogues: list[Dialogue], tokenizer: Tokenizer, max_turns: int | None = None) -> list[dict]:
-    """Per turn t: interaction ids/mask (B, T_t), answer labels, and which dialogues are still going."""
+def answer_weight(turn: Turn, recall_weight: float) -> float:
+    """Loss weight of a turn's answer tokens: ``recall_weight`` for answers to recall questions."""
+    return recall_weight if turn.check else 1.0
+
+
+def weighted_count(labels: torch.Tensor, weights: torch.Tensor) -> float:
+    """The loss normaliser: the summed weights of the positions with a target."""
+    return float(((labels[:, 1:] != IGNORE) * weights[:, 1:]).sum())
+
+
+def turn_batches(dialogues: list[Dialogue], tokenizer: Tokenizer, max_turns: int | None = None,
+                 recall_weight: float = 1.0) -> list[dict]:
+    """Per turn t: interaction ids/mask (B, T_t), answer labels and their loss weights, and which
+    dialogues are still going."""
     n_turns = max(len(d.turns) for d in dialogues)
     n_turns = n_turns if max_turns is None else min(n_turns, max_turns)
     turns = []
@@ -103,34 +115,43 @@ def turn_batches(dialogues: list[Dialogue], tokenizer: Tokenizer, max_turns: int
         seqs = [tokenizer.interaction(d.turns[t].query, d.turns[t].answer) if t < len(d.turns) else [] for d in dialogues]
         ids, mask = pad(seqs, tokenizer.pad_id)
         active = torch.tensor([t < len(d.turns) for d in dialogues])
-        turns.append({"ids": ids, "mask": mask, "labels": answer_labels(ids, tokenizer), "active": active})
+        rows = torch.tensor([answer_weight(d.turns[t], recall_weight) if t < len(d.turns) else 1.0 for d in dialogues])
+        turns.append({"ids": ids, "mask": mask, "labels": answer_labels(ids, tokenizer), "active": active,
+                      "weights": rows[:, None].expand(ids.shape)})
     return turns
 
 
 class DialogueSource:
     """Whole dialogues: as turn sequences (RxT stages) or as one concatenated history (baseline)."""
 
-    def __init__(self, tokenizer: Tokenizer, generator: DialogueGenerator, max_turns: int | None = None):
+    def __init__(self, tokenizer: Tokenizer, generator: DialogueGenerator, max_turns: int | None = None,
+                 recall_weight: float = 1.0):
         self.tokenizer, self.generator, self.max_turns = tokenizer, generator, max_turns
+        self.recall_weight = recall_weight
 
     def turns_batch(self, indices: list[int], count: str = "answers", slots: int = 1, layers: int = 1) -> Batch:
         """count="answers": answer tokens (SMAT); count="vectors": active turns x layers x slots (stage 3)."""
-        turns = turn_batches([self.generator[i] for i in indices], self.tokenizer, self.max_turns)
+        turns = turn_batches([self.generator[i] for i in indices], self.tokenizer, self.max_turns, self.recall_weight)
         tokens = sum(int(t["mask"].sum()) for t in turns)
         if count == "answers":
-            n = sum(int((t["labels"][:, 1:] != IGNORE).sum()) for t in turns)
+            n = sum(weighted_count(t["labels"], t["weights"]) for t in turns)
         else:
             n = sum(int(t["active"].sum()) for t in turns) * slots * layers
         return Batch(turns, count=n, tokens=tokens)
 
     def history_batch(self, indices: list[int]) -> Batch:
-        """Baseline: every turn of a dialogue in one sequence; loss on all answer tokens."""
+        """Baseline: every turn of a dialogue in one sequence; loss on all answer tokens, weighted as in SMAT."""
         tok = self.tokenizer
-        seqs = []
+        seqs, weights = [], []
         for i in indices:
-            turns = self.generator[i].turns[: self.max_turns]
-            seqs.append([token for turn in turns for token in tok.interaction(turn.query, turn.answer)])
+            turns = [(tok.interaction(t.query, t.answer), answer_weight(t, self.recall_weight))
+                     for t in self.generator[i].turns[: self.max_turns]]
+            seqs.append([token for ids, _ in turns for token in ids])
+            weights.append([w for ids, w in turns for _ in ids])
         ids, mask = pad(seqs, tok.pad_id)
         labels = answer_labels(ids, tok)
-        return Batch({"ids": ids, "mask": mask, "labels": labels}, count=int((labels[:, 1:] != IGNORE).sum()),
-                     tokens=int(mask.sum()))
+        weight = torch.ones(ids.shape)
+        for row, w in enumerate(weights):
+            weight[row, : len(w)] = torch.tensor(w)
+        return Batch({"ids": ids, "mask": mask, "labels": labels, "weights": weight},
+                     count=weighted_count(labels, weight), tokens=int(mask.sum()))

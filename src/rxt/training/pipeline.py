@@ -73,7 +73,8 @@ class RecipeRun:
             self.train_dialogues = DialogueList.read(data.train_file)
             self.population = len(self.train_dialogues)
         else:
-            self.train_dialogues = DialogueGenerator(data.seed, "train", fresh_values=data.fresh_values, **options)
+            self.train_dialogues = DialogueGenerator(data.seed, "train", fresh_values=data.fresh_values,
+                                                      fresh_words=data.fresh_words, **options)
             self.population = data.train_dialogues
         if data.heldout_file:
             self.heldout_dialogues = DialogueList.read(data.heldout_file)
@@ -130,21 +131,23 @@ class RecipeRun:
             train = TextSource(tok, self.train_dialogues, self.pairs, chat, c.max_seq_len)
             held = TextSource(tok, self.heldout_dialogues, [], chat, c.max_seq_len)
             return train.batch, lambda idx: held.batch([2 * i for i in idx])
+        # answers to recall questions weigh recall_weight in training; the held-out loss weighs all alike
+        weight = self.recipe.data.recall_weight
         if stage == "baseline":
-            train, held = DialogueSource(tok, self.train_dialogues), DialogueSource(tok, self.heldout_dialogues)
-            return train.history_batch, held.history_batch
+            train = DialogueSource(tok, self.train_dialogues, recall_weight=weight)
+            return train.history_batch, DialogueSource(tok, self.heldout_dialogues).history_batch
         if stage == "memory_attention":
             turns = self.recipe.stages.memory_attention.max_turns
             train, held = DialogueSource(tok, self.train_dialogues, turns), DialogueSource(tok, self.heldout_dialogues, turns)
             build = partial(DialogueSource.turns_batch, count="vectors", slots=c.stm_slots, layers=c.n_layers)
             return partial(build, train), partial(build, held)
-        train, held = DialogueSource(tok, self.train_dialogues), DialogueSource(tok, self.heldout_dialogues)
-        return train.turns_batch, held.turns_batch
+        train = DialogueSource(tok, self.train_dialogues, recall_weight=weight)
+        return train.turns_batch, DialogueSource(tok, self.heldout_dialogues).turns_batch
 
     def _smat_batch_fn(self, spec: SMATSpec, full):
         """SMAT batches; during the curriculum steps, from short dialogues (short recall distances) first."""
         short = self.train_dialogues.shorter(spec.curriculum_max_turns)  # generated or read: either can be cut short
-        short_source = DialogueSource(self.tokenizer, short)
+        short_source = DialogueSource(self.tokenizer, short, recall_weight=self.recipe.data.recall_weight)
         short_fn = self._batch_fn("smat", spec, short_source.turns_batch)
 
         def make(step: int, *rest):

@@ -11,7 +11,7 @@ from rxt.tokenizer import Tokenizer
 
 def quick_recall(model: ReactiveTransformer, tokenizer: Tokenizer, dialogues: list[Dialogue],
                  max_new_tokens: int = 24, examples: list | None = None) -> dict:
-    """Recall accuracy by distance on dialogues with ``check`` turns: {"overall", "by_distance", "counts", "n"}."""
+    """Recall accuracy by distance on dialogues with ``check`` turns: {"overall", "by_distance", "by_slot", "counts", "n"}."""
     was_training = model.training
     engine = ReactiveEngine(model.eval(), tokenizer)
     try:
@@ -23,4 +23,5 @@ def quick_recall(model: ReactiveTransformer, tokenizer: Tokenizer, dialogues: li
         examples.extend(report.examples)
     counts = dict(sorted(report.asked.items()))
     return {"overall": report.accuracy("rxt"), "by_distance": {d: report.accuracy("rxt", d) for d in counts},
+            "by_slot": {s: report.slot_accuracy("rxt", s) for s in sorted(report.slot_asked)},
             "counts": counts, "n": sum(counts.values())}

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from rxt.config import PRESETS, ModelConfig
+from rxt.data.dialogues import FRESH_WORDS
 
 
 @dataclass
@@ -44,6 +45,10 @@ class DataSpec:
     heldout_dialogues: int = 64  # for held-out loss and the recall check
     corpus: bool = True  # mix chatterbot-corpus pairs into the language stages when installed
     fresh_values: float = 0.0  # share of training values invented afresh (no value pool to memorise)
+    fresh_words: str = "syllables"  # their shape: "syllables" ("Runeba") or "english" ("bleanots", "Stook")
+    # loss weight of the answers to recall questions in SMAT and the baseline alike (the only answers
+    # that need the memory; 1: every answer token counts the same)
+    recall_weight: float = 1.0
     # your own dialogues (JSONL, see docs/data.md) instead of the synthetic ones; paths are relative
     # to the working directory. Without heldout_file the synthetic held-out split is the check.
     train_file: str = ""
@@ -137,6 +142,10 @@ class Recipe:
         self.model.build(self.tokenizer.vocab_size)  # raises on bad overrides
         if not 0.0 <= self.data.fresh_values <= 1.0:
             raise ValueError(f"data.fresh_values is a probability in [0, 1], got {self.data.fresh_values}")
+        if not self.data.recall_weight > 0:
+            raise ValueError(f"data.recall_weight must be positive, got {self.data.recall_weight}")
+        if self.data.fresh_words not in FRESH_WORDS:
+            raise ValueError(f"data.fresh_words must be one of {FRESH_WORDS}, got {self.data.fresh_words!r}")
         if self.data.train_file and self.data.fresh_values:
             raise ValueError("data.fresh_values applies to synthetic dialogues, not to data.train_file")
         for key in ("train_file", "heldout_file"):

@@ -18,18 +18,20 @@ import torch
 import torch.nn.functional as F
 
 from rxt.model import ReactiveTransformer, StatelessLM
-from rxt.training.batches import IGNORE
+from rxt.training.batches import IGNORE, weighted_count
 from rxt.training.recipe import JointLMSpec, MemoryAttentionSpec, SMATSpec
 
 Parts = dict[str, torch.Tensor]
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of logits (B, T, V) predicting labels (B, T) shifted by one."""
-    return F.cross_entropy(
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed cross-entropy of logits (B, T, V) predicting labels (B, T) shifted by one, each target
+    weighted by ``weights`` (B, T) when given."""
+    losses = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE,
-        reduction="sum",
+        reduction="sum" if weights is None else "none",
     )
+    return losses if weights is None else (losses * weights[:, 1:].reshape(-1)).sum()
 
 
 def mask_tokens(ids: torch.Tensor, mask: torch.Tensor, spec: JointLMSpec, mask_id: int, vocab: int,
@@ -122,7 +124,7 @@ def smat_loss(model: ReactiveTransformer, turns: list[dict], spec: SMATSpec,
     read_encoder = turns[0].get("read_encoder", False)
     for t, turn in enumerate(turns):
         ids, mask, active = turn["ids"].to(device), turn["mask"].to(device), turn["active"].to(device)
-        total = total + token_loss_sum(model.decode(ids, stm=stm), turn["labels"].to(device))
+        total = total + token_loss_sum(model.decode(ids, stm=stm), turn["labels"].to(device), turn["weights"].to(device))
         if t == len(turns) - 1:
             break
         if read_encoder:  # warm-up: the next turn reads this interaction's encoding directly, (L, B, T, D)
@@ -132,7 +134,7 @@ def smat_loss(model: ReactiveTransformer, turns: list[dict], spec: SMATSpec,
         stm = torch.where(active[None, :, None, None], updated, stm)
         if spec.truncate_every and (t + 1) % spec.truncate_every == 0:
             stm = stm.detach()
-    n_targets = sum((turn["labels"][:, 1:] != IGNORE).sum() for turn in turns)
+    n_targets = sum(weighted_count(turn["labels"], turn["weights"]) for turn in turns)
     return total + model.aux_loss() * n_targets, {}
 
 
@@ -140,5 +142,5 @@ def baseline_loss(model: StatelessLM, data: dict, generator: torch.Generator) ->
     """The stateless LM reads the whole dialogue; loss on every answer token (each sees its full history)."""
     device = next(model.parameters()).device
     logits = model.decode(data["ids"].to(device))  # right padding: causal attention never sees the pads
-    labels = data["labels"].to(device)
-    return token_loss_sum(logits, labels) + model.aux_loss() * (labels != IGNORE).sum(), {}
+    labels, weights = data["labels"].to(device), data["weights"].to(device)
+    return token_loss_sum(logits, labels, weights) + model.aux_loss() * weighted_count(labels, weights), {}
