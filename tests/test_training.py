@@ -224,9 +224,9 @@ def test_recall_answers_weigh_recall_weight_in_both_models_losses(tokenizer_dir)
         assert (turn["weights"][:, 0] == 3.0).tolist() == asked
     logits = torch.randn(*labels.shape, tok.vocab_size)
     assert torch.allclose(token_loss_sum(logits, labels, torch.ones(labels.shape)), token_loss_sum(logits, labels))
-    by_row = [token_loss_sum(logits[r : r + 1], labels[r : r + 1], weights[r : r + 1]) for r in range(len(indices))]
-    assert torch.allclose(token_loss_sum(logits, labels, weights), sum(by_row))
-    assert token_loss_sum(logits, labels, weights) > token_loss_sum(logits, labels)
+    recall_only = torch.where(weights == 3.0, labels, torch.full_like(labels, IGNORE))
+    expected = token_loss_sum(logits, labels) + 2 * token_loss_sum(logits, recall_only)
+    assert torch.allclose(token_loss_sum(logits, labels, weights), expected)
 
 
 def test_recipe_rejects_a_bad_fresh_value_share(tmp_path):

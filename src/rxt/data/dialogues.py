@@ -246,14 +246,12 @@ def fresh_value(rng: random.Random, words: str = "syllables", lowercase: bool = 
     words with clusters and endings, lower case where the pool's words are (colours, foods, jobs, sports),
     so that copying also learns the sub-words real held-out words split into.
     """
-    if words not in FRESH_WORDS:
-        raise ValueError(f"fresh words must be one of {FRESH_WORDS}, got {words!r}")
     while True:
-        if words == "syllables":
-            word = invent_word(rng, FRESH_SYLLABLES)
-        else:
+        if words == "english":
             word = english_word(rng)
             word = word if lowercase else word.capitalize()
+        else:
+            word = invent_word(rng, FRESH_SYLLABLES)
         if len(word) > 2 and word.lower() not in HELDOUT_WORDS:
             return word
 
