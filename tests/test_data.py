@@ -67,6 +67,26 @@ def test_heldout_templates_never_appear_in_training():
 def test_unknown_split_is_rejected():
     with pytest.raises(ValueError, match="split"):
         DialogueGenerator(0, "test")
+    with pytest.raises(ValueError, match="values"):
+        DialogueGenerator(0, "heldout", values="test")
+
+
+def _asked(generator: DialogueGenerator, n: int = 200) -> list[dict]:
+    return [t.check for d in generator.take(n) for t in d.turns if t.check]
+
+
+def test_values_come_from_the_pools_asked_for_whatever_the_phrasing():
+    patterns = [_pattern(t) for t in heldout_only_templates()]
+    train_pools = {v for values in POOLS.values() for v in split_pool(values, "train")}
+    held_pools = {v for values in POOLS.values() for v in split_pool(values, "heldout")}
+    swapped = DialogueGenerator(0, "heldout", values="train")  # held-out phrasings, training values
+    assert {c["value"] for c in _asked(swapped)} <= train_pools
+    assert any(p.match(t.query) for d in swapped.take(200) for t in d.turns for p in patterns)
+    other = DialogueGenerator(0, "train", values="heldout")  # training phrasings, held-out values
+    assert {c["value"] for c in _asked(other)} <= held_pools
+    assert not [t.query for d in other.take(200) for t in d.turns for p in patterns if p.match(t.query)]
+    assert other.shorter(4).values == "heldout"
+    assert DialogueGenerator(0, "heldout", values="heldout")[5] == DialogueGenerator(0, "heldout")[5]
 
 
 def test_jsonl_round_trip(tmp_path):
@@ -149,6 +169,12 @@ def test_english_fresh_values_take_their_pools_case():
     assert all(t.check["value"].istitle() for d in syllables.take(50) for t in d.turns if t.check
                and t.check["slot"] != "age")
     assert generator.shorter(4).fresh_words == "english"
+    mixed = [c for c in _asked(DialogueGenerator(0, "train", fresh_values=1.0, fresh_words="mixed"), 300)
+             if c["slot"] != "age"]
+    assert all(c["value"] == (c["value"].lower() if c["slot"] in lowercase else c["value"].capitalize())
+               for c in mixed)
+    syllable_shaped = [bool(re.fullmatch(r"([bdfgklmnprstvz][aeiou]){2,4}", c["value"].lower())) for c in mixed]
+    assert 0.3 < sum(syllable_shaped) / len(mixed) < 0.8  # both kinds (a few English words fit the pattern too)
     with pytest.raises(ValueError, match="fresh_words"):
         DialogueGenerator(0, "train", fresh_values=0.5, fresh_words="klingon")
 

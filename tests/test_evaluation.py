@@ -74,3 +74,25 @@ def test_answering_without_remembering_leaves_the_session_as_it_was(engines):
     engine.interact_batch([session], ["What is my name?"], remember=False)
     session.wait()
     assert session.turns == 1 and torch.equal(before, session.tensors["stm"])
+
+
+@pytest.mark.parametrize("values", ["heldout", "fresh-syllables"])
+def test_eval_cli_draws_the_values_asked_for(engines, tmp_path, values):
+    from rxt.cli import main
+    from rxt.data.dialogues import POOLS, split_pool
+
+    engine = engines["rxt"]
+    engine.model.tokenizer = engine.tokenizer
+    engine.model.save_pretrained(tmp_path / "rxt")
+    out = tmp_path / "report.json"
+    argv = ["eval", "recall", "--model", str(tmp_path / "rxt"), "--split", "train", "--values", values,
+            "--dialogues", "6", "--max-new-tokens", "2", "--json", str(out)]
+    assert main(argv) == 0
+    asked = [e["value"] for e in json.loads(out.read_text())["examples"]]
+    held = {v for pool in POOLS.values() for v in split_pool(pool, "heldout")}
+    train = {v for pool in POOLS.values() for v in split_pool(pool, "train")}
+    assert asked
+    if values == "heldout":  # training phrasings, held-out values
+        assert set(asked) <= held
+    else:  # invented words (ages still come from the training pool)
+        assert not set(asked) & held and [v for v in asked if v not in train]

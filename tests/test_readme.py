@@ -24,9 +24,10 @@ def test_cli_reports_bad_input_without_a_traceback(capsys):
     from rxt.cli import main
 
     assert main(["eval", "recall"]) == 2
+    assert main(["eval", "recall", "--values", "fresh-english"]) == 2  # invented values: train split only
     assert main(["train", "--recipe", "/nonexistent/recipe.yaml", "--out", "/tmp/unused"]) == 2
     err = capsys.readouterr().err
-    assert "give --model" in err and "nonexistent" in err and "Traceback" not in err
+    assert "give --model" in err and "needs --split train" in err and "nonexistent" in err and "Traceback" not in err
 
 
 def test_shipped_models_load_and_name_their_recipes():

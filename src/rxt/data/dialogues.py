@@ -15,7 +15,8 @@ answer a held-out question only by carrying the value through its memory. With `
 the train split draws a share p of its values as newly invented words (never a held-out one), so
 that a model cannot get by on memorising the training values and has to learn to copy;
 ``fresh_words="english"`` makes them English-looking and lower case where the pool's words are, so
-the copying also covers the sub-words real held-out words ("carrots", "painter") split into.
+the copying also covers the sub-words real held-out words ("carrots", "painter") split into;
+``fresh_words="mixed"`` draws either kind.
 
 Generation is deterministic and random-access: dialogue ``i`` of (seed, split) is always the same.
 """
@@ -223,7 +224,7 @@ def split_pool(values: list[str], split: str) -> list[str]:
 _TRAIN_WORDS = {v.lower() for pool in POOLS.values() for v in split_pool(pool, "train")}
 HELDOUT_WORDS = {v.lower() for pool in POOLS.values() for v in split_pool(pool, "heldout")}
 FRESH_SYLLABLES = (2, 3, 4)
-FRESH_WORDS = ("syllables", "english")
+FRESH_WORDS = ("syllables", "english", "mixed")
 
 # English-looking pieces: consonant clusters, vowel pairs, codas and endings, so that invented words
 # split into the same sub-words as real ones ("carrots" -> c ar r ots, "Lucky" -> L u ck y)
@@ -244,14 +245,14 @@ def fresh_value(rng: random.Random, words: str = "syllables", lowercase: bool = 
 
     words="syllables": capitalised consonant-vowel syllables ("Runeba"). words="english": English-looking
     words with clusters and endings, lower case where the pool's words are (colours, foods, jobs, sports),
-    so that copying also learns the sub-words real held-out words split into.
+    so that copying also learns the sub-words real held-out words split into. words="mixed": either
+    kind, half and half, both in the pool's case.
     """
     while True:
-        if words == "english":
-            word = english_word(rng)
-            word = word if lowercase else word.capitalize()
-        else:
-            word = invent_word(rng, FRESH_SYLLABLES)
+        kind = rng.choice(("syllables", "english")) if words == "mixed" else words
+        word = english_word(rng) if kind == "english" else invent_word(rng, FRESH_SYLLABLES)
+        if words != "syllables":  # the pool's case; "syllables" alone keeps its capitals
+            word = word.lower() if lowercase else word.capitalize()
         if len(word) > 2 and word.lower() not in HELDOUT_WORDS:
             return word
 
@@ -280,7 +281,12 @@ class _Event:
 
 
 class DialogueGenerator:
-    """Random-access generator: ``generator[i]`` is dialogue i of this (seed, split)."""
+    """Random-access generator: ``generator[i]`` is dialogue i of this (seed, split).
+
+    ``values="train"`` or ``"heldout"`` takes the entity values from that split's pools instead of the
+    split's own (held-out phrasings with training values, say): an evaluation can then tell a model
+    that fails on new phrasings from one that fails to carry new values.
+    """
 
     def __init__(
         self,
@@ -293,9 +299,12 @@ class DialogueGenerator:
         update_prob: float = 0.25,
         fresh_values: float = 0.0,
         fresh_words: str = "syllables",
+        values: str | None = None,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if values is not None and values not in SPLITS:
+            raise ValueError(f"values must be one of {SPLITS} (the pools to draw from), got {values!r}")
         if not 2 <= min_turns <= max_turns:
             raise ValueError(f"need 2 <= min_turns <= max_turns, got {min_turns}, {max_turns}")
         self.seed, self.split = seed, split
@@ -306,7 +315,8 @@ class DialogueGenerator:
         if fresh_words not in FRESH_WORDS:
             raise ValueError(f"fresh_words must be one of {FRESH_WORDS}, got {fresh_words!r}")
         self.fresh_values, self.fresh_words = fresh_values, fresh_words
-        self.pools = {name: split_pool(values, split) for name, values in POOLS.items()}
+        self.values = values or split  # which pools the values come from: the split's own unless told
+        self.pools = {name: split_pool(pool, self.values) for name, pool in POOLS.items()}
         self.small_talk = [(q.lstrip("*"), a) for q, a in SMALL_TALK if split == "heldout" or q[0] != "*"]
 
     def __getitem__(self, index: int) -> Dialogue:
@@ -327,7 +337,8 @@ class DialogueGenerator:
     def shorter(self, max_turns: int) -> DialogueGenerator:
         """The same kind of dialogues, at most ``max_turns`` long (recall distances < max_turns)."""
         return DialogueGenerator(self.seed, self.split, min(self.min_turns, max_turns), max_turns, max_turns - 1,
-                                 self.facts_per_dialogue, self.update_prob, self.fresh_values, self.fresh_words)
+                                 self.facts_per_dialogue, self.update_prob, self.fresh_values, self.fresh_words,
+                                 self.values)
 
     def _plan(self, rng: random.Random, n_turns: int) -> dict[int, _Event]:
         """Place (state, [update], ask) triples on distinct turns; distances uniform in 1..max_distance."""

@@ -229,6 +229,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--split", choices=("heldout", "train"), default="heldout",
                         help="synthetic split (train: values and phrasings seen in training, a memorisation check)")
+    parser.add_argument("--values", choices=VALUE_SOURCES,
+                        help="where the values come from (default: the split's pools): the other split's pools, "
+                        "or newly invented words of one kind (with --split train) - tells new phrasings "
+                        "from new values apart")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
@@ -237,15 +241,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", help="write an accuracy-by-distance PNG here")
 
 
+VALUE_SOURCES = ("train", "heldout", "fresh-syllables", "fresh-english")
+
+
+def value_options(args: argparse.Namespace) -> dict:
+    """DialogueGenerator options for --values."""
+    if args.values is None:
+        return {}
+    if args.values.startswith("fresh-"):
+        if args.split != "train":
+            raise ValueError(f"--values {args.values} needs --split train (invented values are a training-side option)")
+        return {"fresh_values": 1.0, "fresh_words": args.values.removeprefix("fresh-")}
+    return {"values": args.values}
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.data:
+        if args.values:
+            raise ValueError("--values picks the values of synthetic dialogues; --data brings its own")
         from rxt.data.jsonl import read_dialogues
 
         dialogues = read_dialogues(args.data)
     else:
-        dialogues = generate_dialogues(args.dialogues, seed=args.seed, split=args.split)
+        dialogues = generate_dialogues(args.dialogues, seed=args.seed, split=args.split, **value_options(args))
     engines = build_engines(args.model, args.baseline, args.device)
     report = evaluate_recall(engines, dialogues, args.batch_size, args.max_new_tokens)
     print_table(report)

@@ -45,7 +45,7 @@ class DataSpec:
     heldout_dialogues: int = 64  # for held-out loss and the recall check
     corpus: bool = True  # mix chatterbot-corpus pairs into the language stages when installed
     fresh_values: float = 0.0  # share of training values invented afresh (no value pool to memorise)
-    fresh_words: str = "syllables"  # their shape: "syllables" ("Runeba") or "english" ("bleanots", "Stook")
+    fresh_words: str = "syllables"  # their shape: "syllables" ("Runeba"), "english" ("bleanots", "Stook") or "mixed"
     # loss weight of the answers to recall questions in SMAT and the baseline alike (the only answers
     # that need the memory; 1: every answer token counts the same)
     recall_weight: float = 1.0
