@@ -19,7 +19,8 @@ from rxt.training.recall import quick_recall
 from rxt.training.recipe import Recipe, load_recipe, parse
 from rxt.training.stages import pool_to_slots, token_loss_sum
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+ROOT = Path(__file__).parent.parent
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml")) + sorted((ROOT / "experiments").glob("*/*.yaml"))
 TINY = Path(__file__).parent.parent / "recipes" / "tiny.yaml"
 DDP_STAGES = ("smat", "baseline")
 
@@ -45,6 +46,19 @@ def tiny_run(out: Path, tokenizer_dir: Path, **stage_overrides) -> RecipeRun:
 def test_every_recipe_validates(path):
     recipe = load_recipe(path)
     assert recipe.stages.smat.steps > 0
+
+
+def test_copy_probe_data_is_valid_and_new_at_every_question(tmp_path):
+    import runpy
+
+    from rxt.data.jsonl import read_dialogues, validate
+
+    runpy.run_path(str(ROOT / "experiments" / "copy_probe" / "make_data.py"))["main"](tmp_path)
+    assert validate(tmp_path / "train.jsonl") == [] and validate(tmp_path / "heldout.jsonl") == []
+    train, held = read_dialogues(tmp_path / "train.jsonl"), read_dialogues(tmp_path / "heldout.jsonl")
+    words = [[t.check["value"] for t in d.turns if t.check] for d in held]
+    assert all(len(w) == 1 for w in words) and len({w[0] for w in words}) > 0.95 * len(held)
+    assert {t.check["distance"] for d in train[:200] for t in d.turns if t.check} == {1, 2, 3}
 
 
 def test_recipe_rejects_unknown_and_mistyped_keys():
