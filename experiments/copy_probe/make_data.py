@@ -35,7 +35,7 @@ def dialogue(rng: random.Random, name: str) -> dict:
 
 
 def main(out: Path = Path(__file__).parent / "data") -> None:
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     for split, count, seed in (("train", 20000, 0), ("heldout", 300, 1)):
         rng = random.Random(seed)
         lines = [json.dumps(dialogue(rng, f"{split}-{i}")) for i in range(count)]
