@@ -82,14 +82,15 @@ def test_answer_labels_cover_answers_only(tokenizer_dir):
     assert (labels[0] != IGNORE).sum() == answer_len + len(tok.encode(" see you")) + 1
 
 
-def test_pool_to_slots_ignores_padding():
-    encoded = torch.randn(2, 6, 4)
-    mask = torch.tensor([[True] * 6, [True, True, False, False, False, False]])
+def test_pool_to_slots_pools_each_row_alone():
+    encoded = torch.randn(3, 7, 4)
+    lengths = [7, 5, 2]  # fewer real tokens than slots too
+    mask = torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]
     pooled = pool_to_slots(encoded, mask, 3)
-    assert pooled.shape == (2, 3, 4)
-    torch.testing.assert_close(pooled[0, 0], encoded[0, :2].mean(0))
-    torch.testing.assert_close(pooled[1, 0], encoded[1, :2].mean(0))
-    torch.testing.assert_close(pooled[1, 2], encoded[1, :2].mean(0))  # empty window -> masked mean
+    assert pooled.shape == (3, 3, 4)
+    for row, n in enumerate(lengths):  # as if the row had been pooled without any padding
+        alone = torch.nn.functional.adaptive_avg_pool1d(encoded[row, :n].T[None], 3)[0].T
+        torch.testing.assert_close(pooled[row], alone)
 
 
 @pytest.mark.parametrize("stage", ["joint_lm", "sft", "memory_attention", "smat", "baseline"])
@@ -236,8 +237,9 @@ def test_recall_answers_weigh_recall_weight_in_both_models_losses(tokenizer_dir)
     assert history.count - plain.history_batch(indices).count == 2 * recall_targets
     turns = heavy.turns_batch(indices)  # SMAT weighs the same answers: the two models train alike
     assert turns.count - plain.turns_batch(indices).count == 2 * recall_targets
+    longest_first = sorted(indices, key=lambda i: len(generator[i].turns), reverse=True)
     for t, turn in enumerate(turns.data):
-        asked = [t < len(generator[i].turns) and generator[i].turns[t].check is not None for i in indices]
+        asked = [generator[i].turns[t].check is not None for i in longest_first if t < len(generator[i].turns)]
         assert (turn["weights"][:, 0] == 3.0).tolist() == asked
     logits = torch.randn(*labels.shape, tok.vocab_size)
     assert torch.allclose(token_loss_sum(logits, labels, torch.ones(labels.shape)), token_loss_sum(logits, labels))
@@ -327,3 +329,68 @@ def test_a_run_continues_from_an_earlier_one(tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(OSError, match="holds no rxt"):
         main(["-v", "train", "--recipe", str(path), "--out", str(tmp_path / "bad"), "--no-progress"])
+
+
+def test_copy_share_mixes_copy_drills_into_the_language_stages(tokenizer_dir):
+    from rxt.data.dialogues import copy_turn
+    from rxt.training.batches import TextSource
+
+    tok = Tokenizer.load(tokenizer_dir)
+    generator = DialogueGenerator(0, "train")
+    drills = {tok.interaction(copy_turn(i).query, copy_turn(i).answer)[:256] == TextSource(
+        tok, generator, [], True, 256, copy_share=1.0).encode(i) for i in range(20)}
+    assert drills == {True}
+    half = TextSource(tok, generator, [], True, 256, copy_share=0.5)
+    share = sum(half.pair(i) == (copy_turn(i).query, copy_turn(i).answer) for i in range(400)) / 400
+    assert 0.4 < share < 0.6
+    plain = TextSource(tok, generator, [], True, 256)
+    assert not any(plain.pair(i)[1] == "Noted." for i in range(100))
+
+
+def test_recipe_rejects_a_bad_copy_share(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    recipe = yaml.safe_load(TINY.read_text())
+    recipe["stages"]["sft"]["copy_share"] = 1.5
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="copy_share"):
+        load_recipe(path)
+
+
+def test_a_recipe_s_copy_share_reaches_its_stage_batches(tmp_path, tokenizer_dir):
+    run = tiny_run(tmp_path, tokenizer_dir, sft={"copy_share": 1.0, "memory": "stm"})
+    rxt, _ = run.build_models()
+    train, held = run._sources("sft", rxt)
+    assert all("Noted." in run.tokenizer.decode(row) for row in train([0, 1, 2]).data["ids"])
+    assert not any("Noted." in run.tokenizer.decode(row) for row in held([0, 1, 2]).data["ids"])  # held-out: real turns
+
+
+@pytest.mark.parametrize("stage", ["smat", "memory_attention"])
+def test_a_batch_of_dialogues_costs_what_its_dialogues_cost_alone(tokenizer_dir, stage):
+    """Dialogues of different lengths in one batch: each keeps its own memory chain, and rows of
+    dialogues that have ended are dropped, not computed."""
+    from rxt.training.recipe import MemoryAttentionSpec, SMATSpec
+    from rxt.training.stages import memory_attention_loss, smat_loss
+
+    torch.manual_seed(0)
+    tok = Tokenizer.load(tokenizer_dir)
+    model = ReactiveTransformer(load_recipe(TINY).model.build(tok.vocab_size))
+    generator = DialogueGenerator(0, "train", min_turns=2, max_turns=7)
+    indices = [i for i in range(40) if len(generator[i].turns) in (2, 4, 7)][:5]
+    source = DialogueSource(tok, generator)
+    if stage == "smat":
+        def loss(ids):
+            return smat_loss(model, source.turns_batch(ids).data, SMATSpec(), torch.Generator().manual_seed(0))[0]
+    else:  # noise-free, so that the random draws cannot differ between the batch and the single runs
+        spec = MemoryAttentionSpec(input_noise=0.0, label_noise=0.0, new_weight_jitter=0.0)
+        model.stm.init.zero_()
+        model.config.stm_init_std = 0.0
+
+        def loss(ids):
+            return memory_attention_loss(model, source.turns_batch(ids).data, spec, torch.Generator().manual_seed(0))[0]
+    batch = source.turns_batch(indices)
+    assert [t["ids"].shape[0] for t in batch.data] == [sum(len(generator[i].turns) > t for i in indices)
+                                                       for t in range(len(batch.data))]
+    with torch.no_grad():
+        alone = sum(loss([i]) for i in indices)
+        together = loss(indices)
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-3)

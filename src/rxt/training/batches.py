@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from rxt.data.dialogues import Dialogue, DialogueGenerator, Turn
+from rxt.data.dialogues import Dialogue, DialogueGenerator, Turn, copy_turn
 from rxt.tokenizer import Tokenizer
 
 IGNORE = -100  # label of positions without loss
@@ -69,13 +69,18 @@ class TextSource:
     """Single sequences for the language stages: corpus pairs and synthetic turns.
 
     chat=False gives plain text ("query answer"); chat=True the template [Q] query [A] answer [EOT].
+    A share ``copy_share`` of the sequences are copy drills (`copy_turn`) instead.
     """
 
     def __init__(self, tokenizer: Tokenizer, generator: DialogueGenerator, pairs: list[tuple[str, str]],
-                 chat: bool, max_len: int):
+                 chat: bool, max_len: int, copy_share: float = 0.0, seed: int = 0):
         self.tokenizer, self.generator, self.pairs, self.chat, self.max_len = tokenizer, generator, pairs, chat, max_len
+        self.copy_share, self.seed = copy_share, seed
 
     def pair(self, index: int) -> tuple[str, str]:
+        if self.copy_share and random.Random(f"rxt-copy-share:{self.seed}:{index}").random() < self.copy_share:
+            drill = copy_turn(index, self.seed)
+            return drill.query, drill.answer
         # even indices: synthetic turns; odd: corpus pairs (when there are any)
         if index % 2 and self.pairs:
             return self.pairs[(index // 2) % len(self.pairs)]
@@ -106,17 +111,19 @@ def weighted_count(labels: torch.Tensor, weights: torch.Tensor) -> float:
 
 def turn_batches(dialogues: list[Dialogue], tokenizer: Tokenizer, max_turns: int | None = None,
                  recall_weight: float = 1.0) -> list[dict]:
-    """Per turn t: interaction ids/mask (B, T_t), answer labels and their loss weights, and which
-    dialogues are still going."""
-    n_turns = max(len(d.turns) for d in dialogues)
-    n_turns = n_turns if max_turns is None else min(n_turns, max_turns)
+    """Per turn t: interaction ids/mask (n_t, T_t), answer labels and their loss weights.
+
+    Dialogues are ordered longest first, so the n_t dialogues still going at turn t are the first n_t
+    rows of turn t - 1: a dialogue that has ended drops out of the batch and costs nothing.
+    """
+    dialogues = sorted(dialogues, key=lambda d: len(d.turns), reverse=True)
+    n_turns = len(dialogues[0].turns) if max_turns is None else min(len(dialogues[0].turns), max_turns)
     turns = []
     for t in range(n_turns):
-        seqs = [tokenizer.interaction(d.turns[t].query, d.turns[t].answer) if t < len(d.turns) else [] for d in dialogues]
-        ids, mask = pad(seqs, tokenizer.pad_id)
-        active = torch.tensor([t < len(d.turns) for d in dialogues])
-        rows = torch.tensor([answer_weight(d.turns[t], recall_weight) if t < len(d.turns) else 1.0 for d in dialogues])
-        turns.append({"ids": ids, "mask": mask, "labels": answer_labels(ids, tokenizer), "active": active,
+        live = [d.turns[t] for d in dialogues if t < len(d.turns)]
+        ids, mask = pad([tokenizer.interaction(turn.query, turn.answer) for turn in live], tokenizer.pad_id)
+        rows = torch.tensor([answer_weight(turn, recall_weight) for turn in live])
+        turns.append({"ids": ids, "mask": mask, "labels": answer_labels(ids, tokenizer),
                       "weights": rows[:, None].expand(ids.shape)})
     return turns
 
@@ -136,7 +143,7 @@ class DialogueSource:
         if count == "answers":
             n = sum(weighted_count(t["labels"], t["weights"]) for t in turns)
         else:
-            n = sum(int(t["active"].sum()) for t in turns) * slots * layers
+            n = sum(t["ids"].shape[0] for t in turns) * slots * layers
         return Batch(turns, count=n, tokens=tokens)
 
     def history_batch(self, indices: list[int]) -> Batch:

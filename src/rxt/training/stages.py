@@ -71,16 +71,15 @@ def joint_lm_loss(model: ReactiveTransformer, data: dict, spec: JointLMSpec, mas
 
 
 def pool_to_slots(encoded: torch.Tensor, mask: torch.Tensor, slots: int) -> torch.Tensor:
-    """Resample ED (B, T, D) to (B, S, D): average the real tokens falling into each of S windows.
-
-    Windows with no real token (short rows) fall back to the mean over all real tokens.
-    """
-    m = mask.to(encoded.dtype)[:, None, :]  # (B, 1, T)
-    summed = F.adaptive_avg_pool1d(encoded.transpose(1, 2) * m, slots)  # (B, D, S)
-    weight = F.adaptive_avg_pool1d(m, slots)  # (B, 1, S)
-    mean = (encoded * m.transpose(1, 2)).sum(1) / m.sum(-1).clamp(min=1)  # (B, D)
-    pooled = torch.where(weight > 0, summed / weight.clamp(min=1e-6), mean[:, :, None])
-    return pooled.transpose(1, 2)  # (B, S, D)
+    """Resample ED (B, T, D) to (B, S, D): each row's n real tokens are cut into S windows, as
+    adaptive average pooling of that row alone would (window s spans positions floor(s*n/S) up to
+    ceil((s+1)*n/S)), so a row's target never depends on how far the other rows pad it."""
+    n = mask.sum(-1, keepdim=True)[:, None]  # (B, 1, 1)
+    position = ((mask.cumsum(-1) - 1) * mask - (~mask).long())[:, None, :]  # (B, 1, T); -1 on padding
+    s = torch.arange(slots, device=encoded.device)[None, :, None]  # (1, S, 1)
+    start, end = torch.div(s * n, slots, rounding_mode="floor"), -torch.div(-(s + 1) * n, slots, rounding_mode="floor")
+    window = ((position >= start) & (position < end)).to(encoded.dtype)  # (B, S, T)
+    return window @ encoded / window.sum(-1, keepdim=True).clamp(min=1)
 
 
 def new_data_weight(spec: MemoryAttentionSpec, step: int, generator: torch.Generator) -> float:
@@ -99,7 +98,8 @@ def memory_attention_loss(model: ReactiveTransformer, turns: list[dict], spec: M
     stm = stm + torch.randn(stm.shape, generator=generator).to(device) * model.config.stm_init_std
     total = torch.zeros((), device=device)
     for t, turn in enumerate(turns):
-        ids, mask, active = turn["ids"].to(device), turn["mask"].to(device), turn["active"].to(device)
+        ids, mask = turn["ids"].to(device), turn["mask"].to(device)
+        stm = stm[:, : ids.shape[0]]  # the dialogues still going (longest first)
         with torch.no_grad():
             encoded = model.encode(ids, mask)
         noisy = [e + spec.input_noise * torch.randn(e.shape, generator=generator).to(device) for e in encoded]
@@ -109,8 +109,8 @@ def memory_attention_loss(model: ReactiveTransformer, turns: list[dict], spec: M
         target = (1 - w) * stm + w * pooled
         target = target + spec.label_noise * target.std() * torch.randn(target.shape, generator=generator).to(device)
         cosine = F.cosine_similarity(updated, target.detach(), dim=-1)  # (L, B, S)
-        total = total - (cosine * active[None, :, None]).sum()
-        stm = torch.where(active[None, :, None, None], updated, stm).detach()
+        total = total - cosine.sum()
+        stm = updated.detach()
     return total, {}
 
 
@@ -123,15 +123,15 @@ def smat_loss(model: ReactiveTransformer, turns: list[dict], spec: SMATSpec,
     total = torch.zeros((), device=device)
     read_encoder = turns[0].get("read_encoder", False)
     for t, turn in enumerate(turns):
-        ids, mask, active = turn["ids"].to(device), turn["mask"].to(device), turn["active"].to(device)
+        ids, mask = turn["ids"].to(device), turn["mask"].to(device)
+        stm = stm[:, : ids.shape[0]]  # the dialogues still going (longest first): ended ones cost nothing
         total = total + token_loss_sum(model.decode(ids, stm=stm), turn["labels"].to(device), turn["weights"].to(device))
         if t == len(turns) - 1:
             break
         if read_encoder:  # warm-up: the next turn reads this interaction's encoding directly, (L, B, T, D)
             stm = torch.stack(model.encode(ids, mask)) * mask[None, :, :, None]
             continue
-        updated = model.update_memory(stm, ids, mask)
-        stm = torch.where(active[None, :, None, None], updated, stm)
+        stm = model.update_memory(stm, ids, mask)
         if spec.truncate_every and (t + 1) % spec.truncate_every == 0:
             stm = stm.detach()
     n_targets = sum(weighted_count(turn["labels"], turn["weights"]) for turn in turns)
