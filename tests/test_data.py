@@ -211,3 +211,14 @@ def test_shorter_dialogues_keep_the_generator_settings():
     same = DialogueGenerator(0, "train", min_turns=4, max_turns=4, max_distance=3, fresh_values=0.5)
     assert short.take(20) == same.take(20)
     assert all(len(d.turns) <= 4 and all(t.check["distance"] <= 3 for t in d.turns if t.check) for d in short.take(50))
+
+
+def test_copy_turns_are_deterministic_unpredictable_and_never_held_out():
+    from rxt.data.dialogues import copy_turn
+
+    turns = [copy_turn(i) for i in range(300)]
+    assert turns == [copy_turn(i) for i in range(300)] and copy_turn(5, seed=1) != copy_turn(5)
+    words = [w.rstrip(".") for t in turns for w in t.query.split()]
+    assert all(2 <= len(t.query.split()) <= 6 for t in turns)
+    assert not {w.lower() for w in words} & HELDOUT_WORDS
+    assert len({t.query for t in turns}) == len(turns)  # no two drills alike: only copying predicts them

@@ -257,6 +257,24 @@ def fresh_value(rng: random.Random, words: str = "syllables", lowercase: bool = 
             return word
 
 
+def copy_turn(index: int, seed: int = 0) -> Turn:
+    """A turn whose query is a list of words no template predicts: 2-6 invented or pool values.
+
+    In a stage whose decoder reads the interaction only through the memory slots (``memory: stm``),
+    such a query can be predicted only by copying it out of memory, token by token, in order: a dense
+    lesson in the skill recall needs, which template text (predictable without memory) does not give.
+    """
+    rng = random.Random(f"rxt-copy:{seed}:{index}")
+    words = []
+    for _ in range(rng.randint(2, 6)):
+        pool = rng.choice(list(POOLS))
+        if pool != "age" and rng.random() < 0.7:
+            words.append(fresh_value(rng, "mixed", lowercase=rng.random() < 0.5))
+        else:
+            words.append(rng.choice(split_pool(POOLS[pool], "train")))
+    return Turn(" ".join(words) + ".", "Noted.")
+
+
 def split_templates(templates: tuple[str, ...], split: str) -> list[str]:
     """Training uses unmarked templates; the held-out split uses all of them."""
     if split == "heldout":

@@ -128,7 +128,9 @@ class RecipeRun:
         tok, c = self.tokenizer, model.config
         if stage in ("joint_lm", "sft"):
             chat = stage == "sft"
-            train = TextSource(tok, self.train_dialogues, self.pairs, chat, c.max_seq_len)
+            spec = getattr(self.recipe.stages, stage)
+            train = TextSource(tok, self.train_dialogues, self.pairs, chat, c.max_seq_len, spec.copy_share,
+                               self.recipe.data.seed)
             held = TextSource(tok, self.heldout_dialogues, [], chat, c.max_seq_len)
             return train.batch, lambda idx: held.batch([2 * i for i in idx])
         # answers to recall questions weigh recall_weight in training; the held-out loss weighs all alike

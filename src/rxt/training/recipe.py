@@ -83,6 +83,9 @@ class JointLMSpec(StageSpec):
     # "stm" = those states consolidated into S memory slots by the memory attention, which then
     # trains with the decoder (a dense signal for storing tokens in slots and reading them back)
     memory: str = "encoder"
+    # share of the training sequences that are copy drills: lists of invented or pool words that only
+    # a decoder copying them out of its memory can predict (most useful with memory: stm)
+    copy_share: float = 0.0
 
 
 @dataclass
@@ -158,6 +161,8 @@ class Recipe:
                 raise ValueError(f"stages.{name}: steps >= 0, batch_size >= 1 and grad_accum >= 1 are required")
             if getattr(stage, "memory", "encoder") not in ("encoder", "stm"):
                 raise ValueError(f"stages.{name}.memory must be 'encoder' or 'stm', got {stage.memory!r}")
+            if not 0.0 <= getattr(stage, "copy_share", 0.0) <= 1.0:
+                raise ValueError(f"stages.{name}.copy_share is a share in [0, 1], got {stage.copy_share}")
             if stage.batch_size % stage.grad_accum:
                 raise ValueError(f"stages.{name}: batch_size {stage.batch_size} not divisible by grad_accum")
         return self
