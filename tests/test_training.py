@@ -394,3 +394,26 @@ def test_a_batch_of_dialogues_costs_what_its_dialogues_cost_alone(tokenizer_dir,
         alone = sum(loss([i]) for i in indices)
         together = loss(indices)
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-3)
+
+
+def test_frozen_parts_stay_as_they_are_while_the_rest_trains(tmp_path, tokenizer_dir):
+    run = tiny_run(tmp_path, tokenizer_dir, sft={"steps": 3, "memory": "stm", "frozen": ["embedding", "decoder"]})
+    torch.manual_seed(0)
+    rxt, _ = run.build_models()
+    before = {k: v.clone() for k, v in rxt.state_dict().items()}
+    trainer = run.trainer("sft", rxt)
+    trainer.checkpoint_every = 10**6
+    for _ in range(3):
+        trainer.train_step()
+    changed = {k for k, v in rxt.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(("encoder.", "memory_attention.")) for k in changed), sorted(changed)
+    assert any(k.startswith("memory_attention.") for k in changed)
+
+
+def test_recipe_rejects_an_unknown_frozen_part(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    recipe = yaml.safe_load(TINY.read_text())
+    recipe["stages"]["sft"]["frozen"] = ["decoder", "head"]
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="frozen.*head"):
+        load_recipe(path)

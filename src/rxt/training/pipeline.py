@@ -178,7 +178,7 @@ class RecipeRun:
             make_batch = self._smat_batch_fn(spec, make_batch)
         elif stage in TRAINABLE:
             extra = ("memory_attention.",) if getattr(spec, "memory", "") == "stm" else ()
-            keep = prefix_filter(TRAINABLE[stage] + extra)
+            keep = prefix_filter(TRAINABLE[stage] + extra, tuple(f"{part}." for part in getattr(spec, "frozen", [])))
             trainable = lambda step: keep  # noqa: E731
         else:
             trainable = None

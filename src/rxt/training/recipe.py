@@ -86,6 +86,9 @@ class JointLMSpec(StageSpec):
     # share of the training sequences that are copy drills: lists of invented or pool words that only
     # a decoder copying them out of its memory can predict (most useful with memory: stm)
     copy_share: float = 0.0
+    # parts that stay as they are in this stage, e.g. [embedding, decoder] to teach the encoder and
+    # the memory attention to write for a decoder that is already trained
+    frozen: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -161,6 +164,9 @@ class Recipe:
                 raise ValueError(f"stages.{name}: steps >= 0, batch_size >= 1 and grad_accum >= 1 are required")
             if getattr(stage, "memory", "encoder") not in ("encoder", "stm"):
                 raise ValueError(f"stages.{name}.memory must be 'encoder' or 'stm', got {stage.memory!r}")
+            unknown = sorted(set(getattr(stage, "frozen", [])) - set(FREEZABLE))
+            if unknown:
+                raise ValueError(f"stages.{name}.frozen: unknown parts {unknown}; choose from {list(FREEZABLE)}")
             if not 0.0 <= getattr(stage, "copy_share", 0.0) <= 1.0:
                 raise ValueError(f"stages.{name}.copy_share is a share in [0, 1], got {stage.copy_share}")
             if stage.batch_size % stage.grad_accum:
@@ -169,6 +175,7 @@ class Recipe:
 
 
 STAGE_ORDER = ("joint_lm", "sft", "memory_attention", "smat", "baseline")
+FREEZABLE = ("embedding", "decoder", "encoder", "memory_attention")
 
 
 def load_recipe(path: str | Path) -> Recipe:
