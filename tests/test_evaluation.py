@@ -96,3 +96,20 @@ def test_eval_cli_draws_the_values_asked_for(engines, tmp_path, values):
         assert set(asked) <= held
     else:  # invented words (ages still come from the training pool)
         assert not set(asked) & held and [v for v in asked if v not in train]
+
+
+def test_eval_cli_makes_dialogues_of_the_length_asked_for(engines, tmp_path, capsys):
+    from rxt.cli import main
+
+    engine = engines["rxt"]
+    engine.model.tokenizer = engine.tokenizer
+    engine.model.save_pretrained(tmp_path / "rxt")
+    out = tmp_path / "report.json"
+    argv = ["eval", "recall", "--model", str(tmp_path / "rxt"), "--turns", "2", "2", "--dialogues", "5",
+            "--max-new-tokens", "2", "--json", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["by_distance"] and set(report["by_distance"]) == {"1"}  # a fact, then its question
+    assert len(report["examples"]) == 5
+    assert main(argv[:4] + ["--turns", "5", "3"]) == 2
+    assert "min_turns <= max_turns" in capsys.readouterr().err

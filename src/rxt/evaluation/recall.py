@@ -233,6 +233,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the values come from (default: the split's pools): the other split's pools, "
                         "or newly invented words of one kind (with --split train) - tells new phrasings "
                         "from new values apart")
+    parser.add_argument("--turns", type=int, nargs=2, default=(4, 20), metavar=("MIN", "MAX"),
+                        help="length of the synthetic dialogues (2 2: one fact, then the question about it)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
@@ -265,7 +267,9 @@ def run(args: argparse.Namespace) -> int:
 
         dialogues = read_dialogues(args.data)
     else:
-        dialogues = generate_dialogues(args.dialogues, seed=args.seed, split=args.split, **value_options(args))
+        low, high = args.turns
+        dialogues = generate_dialogues(args.dialogues, seed=args.seed, split=args.split, min_turns=low,
+                                       max_turns=high, **value_options(args))
     engines = build_engines(args.model, args.baseline, args.device)
     report = evaluate_recall(engines, dialogues, args.batch_size, args.max_new_tokens)
     print_table(report)
