@@ -196,10 +196,12 @@ def test_train_command_end_to_end(tmp_path):
     assert loaded.tokenizer is not None
 
 
-def tiny_recipe_file(tmp_path: Path, data: dict | None = None, **top) -> Path:
-    """The tiny recipe with some `data` keys and top-level keys changed, written to a file."""
+def tiny_recipe_file(tmp_path: Path, data: dict | None = None, stages: dict | None = None, **top) -> Path:
+    """The tiny recipe with some `data` keys, stage keys and top-level keys changed, written to a file."""
     recipe = yaml.safe_load(TINY.read_text())
     recipe["data"].update(data or {})
+    for stage, values in (stages or {}).items():
+        recipe["stages"][stage].update(values)
     recipe.update(top)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -348,12 +350,8 @@ def test_copy_share_mixes_copy_drills_into_the_language_stages(tokenizer_dir):
 
 
 def test_recipe_rejects_a_bad_copy_share(tmp_path):
-    path = tmp_path / "recipe.yaml"
-    recipe = yaml.safe_load(TINY.read_text())
-    recipe["stages"]["sft"]["copy_share"] = 1.5
-    path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(ValueError, match="copy_share"):
-        load_recipe(path)
+        load_recipe(tiny_recipe_file(tmp_path, stages={"sft": {"copy_share": 1.5}}))
 
 
 def test_a_recipe_s_copy_share_reaches_its_stage_batches(tmp_path, tokenizer_dir):
@@ -411,9 +409,5 @@ def test_frozen_parts_stay_as_they_are_while_the_rest_trains(tmp_path, tokenizer
 
 
 def test_recipe_rejects_an_unknown_frozen_part(tmp_path):
-    path = tmp_path / "recipe.yaml"
-    recipe = yaml.safe_load(TINY.read_text())
-    recipe["stages"]["sft"]["frozen"] = ["decoder", "head"]
-    path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(ValueError, match="frozen.*head"):
-        load_recipe(path)
+        load_recipe(tiny_recipe_file(tmp_path, stages={"sft": {"frozen": ["decoder", "head"]}}))
