@@ -2,7 +2,6 @@ import json
 import os
 import runpy
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -132,9 +131,10 @@ def test_resume_gives_identical_weights(tmp_path, tokenizer_dir):
         assert torch.equal(tensor, resumed[name]), name
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str, tokenizer_dir: str, result: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+def _ddp_worker(rank: int, world: int, rendezvous: str, out: str, tokenizer_dir: str, result: str) -> None:
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    # joined here, so the trainer's init_distributed (torchrun's env:// rendezvous) finds it joined
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     weights = {stage: _train_stage(Path(out) / stage, Path(tokenizer_dir), stage) for stage in DDP_STAGES}
     if rank == 0:
@@ -155,16 +155,11 @@ def _train_stage(out: Path, tokenizer_dir: Path, stage: str) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_matches_one_process(tmp_path, tokenizer_dir):
     """Two gloo processes with half the batch each end with the weights of one process (SMAT, baseline)."""
     result = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two"), str(tokenizer_dir), str(result)),
+    rendezvous = tmp_path / "rendezvous"  # a file store: no TCP port to race another test run for
+    mp.spawn(_ddp_worker, args=(2, str(rendezvous), str(tmp_path / "two"), str(tokenizer_dir), str(result)),
              nprocs=2, join=True)
     double = torch.load(result)
     for stage in DDP_STAGES:
@@ -323,6 +318,20 @@ def test_a_run_continues_from_an_earlier_one(tmp_path):
     a, b = ReactiveTransformer.from_pretrained(first / "rxt").state_dict(), ReactiveTransformer.from_pretrained(tmp_path / "more" / "rxt").state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
+    recipe["stages"]["smat"]["steps"] = 0
+    recipe["model"]["overrides"]["gate_mode"] = "content"  # grows content gates, zero at first: same model
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", "--recipe", str(path), "--out", str(tmp_path / "grown"), "--no-progress", "--only", "rxt"]) == 0
+    old, grown = (ReactiveTransformer.from_pretrained(d / "rxt") for d in (first, tmp_path / "grown"))
+    assert grown.config.gate_mode == "content" and old.config.gate_mode == "elementwise"
+    stm, ids = old.initial_memory(2) + torch.randn(old.config.n_layers, 2, old.config.stm_slots, old.config.d_model), torch.randint(0, 300, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(grown.update_memory(stm, ids), old.update_memory(stm, ids), atol=1e-6)
+    recipe["model"]["overrides"]["gate_mode"] = "linear"  # other gates are other models
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="gate_mode"):
+        main(["-v", "train", "--recipe", str(path), "--out", str(tmp_path / "bad"), "--no-progress"])
+    recipe["model"]["overrides"]["gate_mode"] = "elementwise"
     recipe["model"]["overrides"]["stm_slots"] = 4  # not the architecture it was trained with
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(ValueError, match="stm_slots"):
