@@ -184,9 +184,9 @@ def test_memory_attention_variants(variant: str, gate_mode: str, activation: str
     assert not torch.allclose(network(stm, [2 * e for e in encoded], ed_mask), new)  # ED reaches memory
 
 
-def randomized_gate(mode: str, activation: str, slots: int = 8) -> ResidualGate:
+def randomized_gate(mode: str, activation: str, slots: int = 8, dim: int = 16) -> ResidualGate:
     torch.manual_seed(0)
-    gate = ResidualGate(slots, mode, activation)
+    gate = ResidualGate(slots, mode, activation, dim)
     for parameter in gate.parameters():
         torch.nn.init.normal_(parameter, std=2.0)  # spread the gate over (0, 1)
     return gate
@@ -307,6 +307,7 @@ def joint_loss(model: ReactiveTransformer) -> torch.Tensor:
         ("self", "linear", "sigmoid"),
         ("gated_self_interlayer", "elementwise", "tanh"),
         ("interlayer", "linear", "none"),
+        ("interlayer", "content", "sigmoid"),
     ],
 )
 def test_gradients_reach_every_parameter(variant: str, gate_mode: str, activation: str) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from rxt.attention import ATTENTION_IMPLS, check_heads
 
 MEMORY_ATTENTION_VARIANTS = ("simple", "self", "interlayer", "gated_self_interlayer")
-GATE_MODES = ("static", "elementwise", "linear")
+GATE_MODES = ("static", "elementwise", "linear", "content")
 GATE_ACTIVATIONS = ("sigmoid", "tanh", "none")
 
 

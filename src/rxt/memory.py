@@ -56,16 +56,27 @@ class ResidualGate(nn.Module):
         static       G = act(w)                                 w per slot
         elementwise  G = act(w * mean_D(STM + Update) + b)      w, b per slot
         linear       G = act(Linear_{S->S}(mean_D(STM + Update)))
+        content      G = act(w * mean_D(STM + Update) + b + W_s STM + W_u Update)   one G per element
+
+    The first three give one G per slot, blind to what the slot holds and what the turn says (a
+    trained nano model's gates barely move from turn to turn). ``content`` adds two D->D maps, so a
+    slot can keep what it holds and take in what matters, dimension by dimension. They start at
+    zero: a content gate starts as the elementwise one, and an elementwise model can grow one.
     """
 
-    def __init__(self, slots: int, mode: str, activation: str):
+    def __init__(self, slots: int, mode: str, activation: str, dim: int = 0):
         super().__init__()
         self.mode, self.activation = mode, activation
         gated = activation != "none"  # "none" just adds the update: nothing to learn
         per_slot = gated and mode != "linear"  # only the parameters the mode reads, so each gets a gradient
-        self.weight = nn.Parameter(torch.full((slots, 1), 1.0 if mode == "elementwise" else 0.0)) if per_slot else None
+        self.weight = nn.Parameter(torch.full((slots, 1), 0.0 if mode == "static" else 1.0)) if per_slot else None
         self.bias = nn.Parameter(torch.zeros(slots, 1)) if per_slot else None
         self.linear = nn.Linear(slots, slots) if gated and mode == "linear" else None
+        if gated and mode == "content":
+            if dim < 1:
+                raise ValueError(f"a content gate reads the slots: give their size, dim >= 1 (got {dim})")
+            self.read_old = nn.Linear(dim, dim, bias=False)
+            self.read_update = nn.Linear(dim, dim, bias=False)
 
     def gate_logits(self, old: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         if self.mode == "static":
@@ -73,6 +84,8 @@ class ResidualGate(nn.Module):
         summary = (old + update).mean(-1, keepdim=True)  # (B, S, 1)
         if self.mode == "elementwise":
             return self.weight * summary + self.bias
+        if self.mode == "content":
+            return self.weight * summary + self.bias + self.read_old(old) + self.read_update(update)
         return self.linear(summary.squeeze(-1)).unsqueeze(-1)
 
     def forward(self, old: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
@@ -102,7 +115,7 @@ class MemoryAttentionLayer(nn.Module):
         self.stm_norm = RMSNorm(c.d_model, c.norm_eps)
         self.ed_norm = RMSNorm(c.d_model, c.norm_eps)
         self.attention = Attention(*heads, rope="k", impl=c.attn_impl, rotary=rotary)
-        self.gate = ResidualGate(c.stm_slots, c.gate_mode, c.gate_activation)
+        self.gate = ResidualGate(c.stm_slots, c.gate_mode, c.gate_activation, c.d_model)
 
     def pre_step_source(self, stm: torch.Tensor, stm_mean: torch.Tensor) -> torch.Tensor:
         if self.variant == "self":

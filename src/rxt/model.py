@@ -21,7 +21,7 @@ from torch import nn
 from rxt.attention import KVCache, RotaryEmbedding
 from rxt.config import ModelConfig
 from rxt.layers import DecoderLayer, EncoderLayer, RMSNorm
-from rxt.memory import MemoryAttention, ShortTermMemory, positions_from_mask
+from rxt.memory import MemoryAttention, ResidualGate, ShortTermMemory, positions_from_mask
 
 log = logging.getLogger(__name__)
 
@@ -262,3 +262,6 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, std=0.02)
         if getattr(module, "bias", None) is not None and not isinstance(module, nn.Embedding):
             nn.init.zeros_(module.bias)
+    if isinstance(module, ResidualGate) and module.mode == "content":  # apply() reaches it after its Linears
+        nn.init.zeros_(module.read_old.weight)  # a content gate starts as the elementwise one
+        nn.init.zeros_(module.read_update.weight)

@@ -208,8 +208,14 @@ class RecipeRun:
         if not (directory / "model.safetensors").is_file():
             return fresh
         loaded = type(fresh).from_pretrained(directory)
-        if loaded.config != fresh.config:
-            differ = sorted(k for k, v in loaded.config.to_dict().items() if fresh.config.to_dict()[k] != v)
+        differ = sorted(k for k, v in loaded.config.to_dict().items() if fresh.config.to_dict()[k] != v)
+        if differ == ["gate_mode"] and (loaded.config.gate_mode, fresh.config.gate_mode) == ("elementwise", "content"):
+            # grow content gates: every weight carries over, the new maps start at zero (same function)
+            missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+            if unexpected or not all(k.endswith(("gate.read_old.weight", "gate.read_update.weight")) for k in missing):
+                raise ValueError(f"init_from: cannot grow content gates from {directory}: {missing + unexpected}")
+            return fresh
+        if differ:
             raise ValueError(f"init_from: {directory} is a different model than the recipe's (differs in {differ})")
         return loaded
 
