@@ -113,3 +113,38 @@ def test_eval_cli_makes_dialogues_of_the_length_asked_for(engines, tmp_path, cap
     assert len(report["examples"]) == 5
     assert main(argv[:4] + ["--turns", "5", "3"]) == 2
     assert "min_turns <= max_turns" in capsys.readouterr().err
+
+
+def test_gate_statistics_tell_content_blind_gates_from_content_gates(engines):
+    from rxt.evaluation.gates import gate_statistics
+
+    tokenizer, dialogues = engines["rxt"].tokenizer, generate_dialogues(3, split="heldout", max_turns=8)
+    stats = {}
+    for mode in ("static", "content"):
+        torch.manual_seed(0)
+        model = ReactiveTransformer(ModelConfig.from_name("tiny", vocab_size=tokenizer.vocab_size, gate_mode=mode))
+        with torch.no_grad():
+            for parameter in model.memory_attention.parameters():
+                parameter.normal_(0.0, 0.5)  # gates away from their start, so the slots differ
+        model.tokenizer = tokenizer
+        stats[mode] = gate_statistics(model, dialogues)
+        assert len(stats[mode]) == model.config.n_layers
+    for layer in stats["static"]:  # one G per slot, whatever the turn says
+        assert 0 < layer["mean"] < 1 and layer["across_slots"] > 0.01
+        assert layer["across_turns"] < 1e-6 and abs(layer["told"] - layer["other"]) < 1e-6
+    assert all(layer["across_turns"] > 0.01 for layer in stats["content"])
+
+
+def test_eval_gates_cli(engines, tmp_path, capsys):
+    from rxt.cli import main
+
+    engine = engines["rxt"]
+    engine.model.tokenizer = engine.tokenizer
+    engine.model.save_pretrained(tmp_path / "rxt")
+    out = tmp_path / "gates.json"
+    assert main(["eval", "gates", "--model", str(tmp_path / "rxt"), "--dialogues", "2", "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())) == engine.model.config.n_layers
+    assert "across turns" in capsys.readouterr().out
+    assert main(["eval", "gates", "--model", str(tmp_path / "rxt"), "--dialogues", "0"]) == 2
+    assert "--dialogues must be >= 1" in capsys.readouterr().err
+    assert main(["eval", "gates", "--model", str(tmp_path / "nowhere")]) == 2
