@@ -132,6 +132,7 @@ def test_gate_statistics_tell_content_blind_gates_from_content_gates(engines):
     for layer in stats["static"]:  # one G per slot, whatever the turn says
         assert 0 < layer["mean"] < 1 and layer["across_slots"] > 0.01
         assert layer["across_turns"] < 1e-6 and abs(layer["told"] - layer["other"]) < 1e-6
+        assert len(layer["slots"]) == 8 and abs(sum(layer["slots"]) / 8 - layer["mean"]) < 1e-3
     assert all(layer["across_turns"] > 0.01 for layer in stats["content"])
 
 
@@ -148,3 +149,32 @@ def test_eval_gates_cli(engines, tmp_path, capsys):
     assert main(["eval", "gates", "--model", str(tmp_path / "rxt"), "--dialogues", "0"]) == 2
     assert "--dialogues must be >= 1" in capsys.readouterr().err
     assert main(["eval", "gates", "--model", str(tmp_path / "nowhere")]) == 2
+
+
+def test_wrong_answers_naming_another_fact_of_the_dialogue_are_counted_apart(engines):
+    from types import SimpleNamespace
+
+    from rxt.data.dialogues import Dialogue, Turn
+
+    class Scripted:  # the tiny RxT, answering every question from a script
+        def __init__(self, engine, script: dict[str, str]):
+            self.engine, self.script = engine, script
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+        def interact_batch(self, sessions, queries, sampling=None, remember=True):
+            return [SimpleNamespace(text=self.script[q]) for q in queries]
+
+    dialogue = Dialogue("d", [
+        Turn("My name is Ada.", "Hi Ada."),
+        Turn("I live in Oslo.", "Oslo is lovely."),
+        Turn("What is my name?", "You are Ada.", {"slot": "user_name", "value": "Ada", "distance": 2}),
+        Turn("Where do I live?", "In Oslo.", {"slot": "city", "value": "Oslo", "distance": 2}),
+    ])
+    scripted = {
+        "confused": Scripted(engines["rxt"], {"What is my name?": "You are Oslo.", "Where do I live?": "In Lima."}),
+        "right": Scripted(engines["rxt"], {"What is my name?": "You are ada!", "Where do I live?": "In Oslo."}),
+    }
+    report = evaluate_recall(scripted, [dialogue], progress=False).to_dict()
+    assert report["wrong_answers"] == {"confused": {"wrong": 2, "another_fact": 1}, "right": {"wrong": 0, "another_fact": 0}}

@@ -8,6 +8,7 @@ residual gate G of every memory update, STM_t = (1 - G) * STM_{t-1} + G * Update
     across turns  spread of one slot's G from turn to turn (averaged over slots): does what a turn
                   says change how much it is written? Near zero: the gate is blind to content.
     told / other  average G on turns that state a fact asked about later, and on all other turns
+    slots         (--json only) each slot's average G
 
 A memory that keeps facts should write hard when one is told and barely when nothing is.
 """
@@ -27,7 +28,8 @@ from rxt.model import ReactiveTransformer
 
 @torch.no_grad()
 def gate_statistics(model: ReactiveTransformer, dialogues: Sequence[Dialogue]) -> list[dict[str, float]]:
-    """One dict per STM layer: mean, across_slots, across_turns, told, other (see the module doc)."""
+    """One dict per STM layer: mean, across_slots, across_turns, told, other (see the module doc)
+    and slots, each slot's average G."""
     if model.config.gate_activation != "sigmoid":
         raise ValueError(f"gate statistics need sigmoid gates (G in 0..1); this model's are {model.config.gate_activation!r}")
     layers = model.memory_attention.layers
@@ -62,6 +64,7 @@ def gate_statistics(model: ReactiveTransformer, dialogues: Sequence[Dialogue]) -
                 "across_turns": g.std(0).mean().item(),
                 "told": g[flags].mean().item() if flags.any() else float("nan"),
                 "other": g[~flags].mean().item() if (~flags).any() else float("nan"),
+                "slots": [round(x, 4) for x in g.mean(0).tolist()],  # each slot's average G
             }
         )
     return stats

@@ -2,7 +2,9 @@
 
 Every model hears the same held-out dialogues with the reference answers as history (teacher
 forcing), so one wrong answer does not spoil the turns after it. On each recall question it answers
-greedily; the answer is right when it contains the exact value (a whole word, any case).
+greedily; the answer is right when it contains the exact value (a whole word, any case). A wrong
+answer that names the value of another fact of the same dialogue is counted apart ("another fact"):
+the model kept that value but bound it to the wrong question.
 
 Models compared: RxT (its memory), and the stateless baseline reading the full history, the current
 turn only (no memory: the lower bound) and a history window with the RxT memory's footprint.
@@ -37,6 +39,9 @@ class RecallReport:
     # the same by kind of fact ("city", "food", ...), for questions whose check names its slot
     slot_hits: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
     slot_asked: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # wrong answers that name the value of another fact asked in the same dialogue: the value was
+    # kept, but bound to the wrong question
+    confusions: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     nll: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     scored_tokens: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     tokens_processed: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -47,6 +52,11 @@ class RecallReport:
             total = sum(self.asked.values())
             return sum(self.hits[model].values()) / total if total else float("nan")
         return self.hits[model][distance] / self.asked[distance] if self.asked[distance] else float("nan")
+
+    def wrong(self, model: str) -> dict[str, int]:
+        """Wrong answers: how many, and how many of them name another fact of the same dialogue."""
+        wrong = sum(self.asked.values()) - sum(self.hits[model].values())
+        return {"wrong": wrong, "another_fact": self.confusions[model]}
 
     def slot_accuracy(self, model: str, slot: str) -> float:
         return self.slot_hits[model][slot] / self.slot_asked[slot] if self.slot_asked[slot] else float("nan")
@@ -67,6 +77,7 @@ class RecallReport:
             "by_slot": {s: {m: self.slot_accuracy(m, s) for m in models} for s in sorted(self.slot_asked)},
             "questions_by_slot": {s: self.slot_asked[s] for s in sorted(self.slot_asked)},
             "perplexity": {m: self.perplexity(m) for m in models},
+            "wrong_answers": {m: self.wrong(m) for m in models},
             "tokens_processed": dict(self.tokens_processed),
             "examples": self.examples[:20],
         }
@@ -106,6 +117,7 @@ def _run_batch(
     name: str, engine: ChatEngine, batch: Sequence[Dialogue], sampling: SamplingConfig, report: RecallReport
 ) -> None:
     sessions = [engine.new_session() for _ in batch]
+    asked_values = {id(s): {x.check["value"] for x in d.turns if x.check} for s, d in zip(sessions, batch, strict=True)}
     for t in range(max(len(d.turns) for d in batch)):
         active = [(s, d.turns[t]) for s, d in zip(sessions, batch, strict=True) if t < len(d.turns)]
         live, turns = [s for s, _ in active], [turn for _, turn in active]
@@ -115,9 +127,11 @@ def _run_batch(
             replies = engine.interact_batch(
                 [s for s, _ in asking], [x.query for _, x in asking], sampling, remember=False
             )
-            for (_, turn), reply in zip(asking, replies, strict=True):
+            for (session, turn), reply in zip(asking, replies, strict=True):
                 right = is_correct(reply.text, turn.check["value"])
                 report.hits[name][turn.check["distance"]] += right
+                others = asked_values[id(session)] - {turn.check["value"]}
+                report.confusions[name] += not right and any(is_correct(reply.text, v) for v in others)
                 if "slot" in turn.check:
                     report.slot_hits[name][turn.check["slot"]] += right
                 if len(report.examples) < 200:
@@ -191,6 +205,8 @@ def print_table(report: RecallReport) -> None:
     )
     print(f"{'ppl':>14} " + " ".join(f"{data['perplexity'][m]:>13.3f}" for m in models))
     print(f"{'tokens':>14} " + " ".join(f"{data['tokens_processed'][m]:>13,}" for m in models))
+    print(f"{'wrong':>14} " + " ".join(f"{data['wrong_answers'][m]['wrong']:>13}" for m in models))
+    print(f"{'another fact':>14} " + " ".join(f"{data['wrong_answers'][m]['another_fact']:>13}" for m in models))
     if data["by_slot"]:
         print(f"\n{'fact':>12} {'n':>5} " + " ".join(f"{m:>13}" for m in models))
         for slot, row in data["by_slot"].items():
