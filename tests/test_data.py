@@ -185,6 +185,16 @@ def test_fresh_values_reject_bad_settings(split, share):
         DialogueGenerator(0, split, fresh_values=share)
 
 
+def test_facts_per_dialogue_sets_how_many_facts_are_told_and_asked():
+    def asked(generator: DialogueGenerator) -> list[int]:
+        return [sum(1 for t in d.turns if t.check) for d in generator.take(200)]
+
+    few, many = asked(DialogueGenerator(0, "train", facts_per_dialogue=(1, 1))), asked(DialogueGenerator(0, "train", facts_per_dialogue=(6, 8)))
+    assert set(few) == {1} and max(many) >= 6 and sum(many) > 4 * sum(few)
+    with pytest.raises(ValueError, match="facts_per_dialogue"):
+        DialogueGenerator(0, "train", facts_per_dialogue=(0, 3))
+
+
 @pytest.mark.skipif(corpus_directory() is None, reason="chatterbot-corpus not installed")
 def test_corpus_pairs():
     pairs = conversation_pairs()

@@ -281,12 +281,22 @@ def test_training_on_your_own_jsonl_dialogues(tmp_path, monkeypatch):
     ({"train_file": "RECIPE", "fresh_values": 0.5}, "fresh_values"),
     ({"fresh_values": 0.5, "fresh_words": "klingon"}, "fresh_words"),
     ({"recall_weight": 0}, "recall_weight"),
+    ({"facts_per_dialogue": [5, 3]}, "facts_per_dialogue"),
+    ({"facts_per_dialogue": [2, 11]}, "facts_per_dialogue"),
+    ({"facts_per_dialogue": [3]}, "facts_per_dialogue"),
 ])
 def test_recipe_rejects_bad_data_files(tmp_path, data, message):
     existing = str(TINY)  # any file that exists
     path = tiny_recipe_file(tmp_path, {k: existing if v == "RECIPE" else v for k, v in data.items()})
     with pytest.raises((ValueError, OSError), match=message):
         load_recipe(path)
+
+
+def test_facts_per_dialogue_reaches_the_training_dialogues_only(tmp_path, tokenizer_dir):
+    shutil.copytree(tokenizer_dir, tmp_path / "tokenizer")
+    run = RecipeRun(load_recipe(tiny_recipe_file(tmp_path, {"facts_per_dialogue": [4, 4]})), tmp_path, resume=True,
+                    progress=False)
+    assert run.train_dialogues.facts_per_dialogue == (4, 4) and run.heldout_dialogues.facts_per_dialogue == (2, 5)
 
 
 def test_malformed_training_file_names_the_line(tmp_path, capsys):

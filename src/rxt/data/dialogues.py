@@ -329,7 +329,10 @@ class DialogueGenerator:
         self.min_turns, self.max_turns, self.max_distance = min_turns, max_turns, max_distance
         if not 0.0 <= fresh_values <= 1.0 or (fresh_values and split != "train"):
             raise ValueError(f"fresh_values is a probability for the train split, got {fresh_values} for {split!r}")
-        self.facts_per_dialogue, self.update_prob = facts_per_dialogue, update_prob
+        if not 1 <= facts_per_dialogue[0] <= facts_per_dialogue[1] <= len(FACTS):
+            raise ValueError(f"facts_per_dialogue must be (min, max) with 1 <= min <= max <= {len(FACTS)}, "
+                             f"got {facts_per_dialogue}")
+        self.facts_per_dialogue, self.update_prob = tuple(facts_per_dialogue), update_prob
         if fresh_words not in FRESH_WORDS:
             raise ValueError(f"fresh_words must be one of {FRESH_WORDS}, got {fresh_words!r}")
         self.fresh_values, self.fresh_words = fresh_values, fresh_words

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from rxt.config import PRESETS, ModelConfig
-from rxt.data.dialogues import FRESH_WORDS
+from rxt.data.dialogues import FACTS, FRESH_WORDS
 
 
 @dataclass
@@ -46,6 +46,8 @@ class DataSpec:
     corpus: bool = True  # mix chatterbot-corpus pairs into the language stages when installed
     fresh_values: float = 0.0  # share of training values invented afresh (no value pool to memorise)
     fresh_words: str = "syllables"  # their shape: "syllables" ("Runeba"), "english" ("bleanots", "Stook") or "mixed"
+    # facts told (and later asked about) per training dialogue: [min, max] (the held-out check keeps 2-5)
+    facts_per_dialogue: list[int] = field(default_factory=lambda: [2, 5])
     # loss weight of the answers to recall questions in SMAT and the baseline alike (the only answers
     # that need the memory; 1: every answer token counts the same)
     recall_weight: float = 1.0
@@ -152,6 +154,9 @@ class Recipe:
             raise ValueError(f"data.recall_weight must be positive, got {self.data.recall_weight}")
         if self.data.fresh_words not in FRESH_WORDS:
             raise ValueError(f"data.fresh_words must be one of {FRESH_WORDS}, got {self.data.fresh_words!r}")
+        facts = self.data.facts_per_dialogue
+        if len(facts) != 2 or not 1 <= facts[0] <= facts[1] <= len(FACTS):
+            raise ValueError(f"data.facts_per_dialogue must be [min, max] with 1 <= min <= max <= {len(FACTS)}, got {facts}")
         if self.data.train_file and self.data.fresh_values:
             raise ValueError("data.fresh_values applies to synthetic dialogues, not to data.train_file")
         for key in ("train_file", "heldout_file"):
