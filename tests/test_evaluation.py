@@ -134,6 +134,11 @@ def test_gate_statistics_tell_content_blind_gates_from_content_gates(engines):
         assert layer["across_turns"] < 1e-6 and abs(layer["told"] - layer["other"]) < 1e-6
         assert len(layer["slots"]) == 8 and abs(sum(layer["slots"]) / 8 - layer["mean"]) < 1e-3
     assert all(layer["across_turns"] > 0.01 for layer in stats["content"])
+    torch.manual_seed(0)  # competitive writes: a static gate, scaled by the share of the turn each slot took
+    model = ReactiveTransformer(ModelConfig.from_name("tiny", vocab_size=tokenizer.vocab_size, gate_mode="static",
+                                                      memory_write="competitive"))
+    model.tokenizer = tokenizer
+    assert all(layer["across_turns"] > 0.01 for layer in gate_statistics(model, dialogues))
 
 
 def test_eval_gates_cli(engines, tmp_path, capsys):

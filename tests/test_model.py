@@ -13,7 +13,7 @@ from torch.testing import assert_close
 from rxt.attention import KVCache, RotaryEmbedding
 from rxt.config import GATE_ACTIVATIONS, GATE_MODES, MEMORY_ATTENTION_VARIANTS, ModelConfig
 from rxt.layers import MoEFeedForward
-from rxt.memory import MemoryAttention, ResidualGate
+from rxt.memory import MemoryAttention, ResidualGate, competitive_write
 from rxt.model import ReactiveTransformer, StatelessLM, load_model, positions_from_mask
 
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -184,6 +184,35 @@ def test_memory_attention_variants(variant: str, gate_mode: str, activation: str
     assert not torch.allclose(network(stm, [2 * e for e in encoded], ed_mask), new)  # ED reaches memory
 
 
+@pytest.mark.parametrize("activation", GATE_ACTIVATIONS)
+@pytest.mark.parametrize("variant", MEMORY_ATTENTION_VARIANTS)
+def test_competitive_writes_ignore_padding_and_share_out_every_token(variant: str, activation: str) -> None:
+    config = tiny(memory_attention=variant, gate_activation=activation, memory_write="competitive")
+    torch.manual_seed(0)
+    network = MemoryAttention(config, RotaryEmbedding(config.d_head, config.max_seq_len))
+    stm = random_stm(config, 2)
+    encoded = [torch.randn(2, 6, config.d_model) for _ in range(config.n_layers)]
+    ed_mask = torch.tensor([[True] * 6, [False, False] + [True] * 4])
+    new = network(stm, encoded, ed_mask)
+    alone = network(stm[:, 1:], [e[1:, 2:] for e in encoded])  # the padded row without its padding
+    assert_close(new[:, 1:], alone, **TOL)
+    assert not torch.allclose(network(stm, [e.flip(1) for e in encoded], ed_mask), new)  # ED reaches memory
+    layer = network.layers[0]
+    _, taken = competitive_write(layer.attention, stm[0], encoded[0], None, ed_mask)
+    assert_close(taken.sum(dim=(1, 2)), ed_mask.sum(-1).float(), **TOL)  # all slots together take every token
+
+
+@pytest.mark.parametrize("activation", GATE_ACTIVATIONS)
+def test_a_slot_that_takes_nothing_keeps_its_memory(activation: str) -> None:
+    gate = randomized_gate("elementwise", activation)
+    old, update = torch.randn(3, 8, 16), torch.randn(3, 8, 16)
+    assert_close(gate(old, update, share=torch.ones(3, 8, 1)), gate(old, update))
+    assert torch.equal(gate(old, update, share=torch.zeros(3, 8, 1)), old)
+    half = gate(old, update, share=torch.full((3, 8, 1), 0.5))
+    assert_close(half, (old + gate(old, update)) / 2, **TOL)  # the write scales with the share
+    assert not torch.allclose(half, old)
+
+
 def randomized_gate(mode: str, activation: str, slots: int = 8, dim: int = 16) -> ResidualGate:
     torch.manual_seed(0)
     gate = ResidualGate(slots, mode, activation, dim)
@@ -308,10 +337,15 @@ def joint_loss(model: ReactiveTransformer) -> torch.Tensor:
         ("gated_self_interlayer", "elementwise", "tanh"),
         ("interlayer", "linear", "none"),
         ("interlayer", "content", "sigmoid"),
+        ("interlayer", "competitive", "sigmoid"),
+        ("self", "competitive", "tanh"),
     ],
 )
 def test_gradients_reach_every_parameter(variant: str, gate_mode: str, activation: str) -> None:
-    config = dict(memory_attention=variant, gate_mode=gate_mode, gate_activation=activation)
+    """gate_mode "competitive" stands for competitive writes with elementwise gates."""
+    write = "competitive" if gate_mode == "competitive" else "attention"
+    gate_mode = "elementwise" if gate_mode == "competitive" else gate_mode
+    config = dict(memory_attention=variant, gate_mode=gate_mode, gate_activation=activation, memory_write=write)
     model = make_rxt(stm_init="learned", moe_experts=4, **config).train()
     joint_loss(model).backward()
     no_grad = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]

@@ -13,6 +13,7 @@ from rxt.attention import ATTENTION_IMPLS, check_heads
 MEMORY_ATTENTION_VARIANTS = ("simple", "self", "interlayer", "gated_self_interlayer")
 GATE_MODES = ("static", "elementwise", "linear", "content")
 GATE_ACTIVATIONS = ("sigmoid", "tanh", "none")
+MEMORY_WRITES = ("attention", "competitive")
 
 
 @dataclass
@@ -35,6 +36,9 @@ class ModelConfig:
     memory_attention: str = "interlayer"  # one of MEMORY_ATTENTION_VARIANTS
     gate_mode: str = "elementwise"  # one of GATE_MODES
     gate_activation: str = "sigmoid"  # one of GATE_ACTIVATIONS
+    # how slots read a turn: "attention" (each slot a softmax over the tokens) or "competitive"
+    # (each token split among the slots; a slot that takes no token keeps what it holds)
+    memory_write: str = "attention"
     max_seq_len: int = 1024  # RoPE table length: longest sequence one pass may see
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
@@ -49,6 +53,7 @@ class ModelConfig:
         _choice("memory_attention", self.memory_attention, MEMORY_ATTENTION_VARIANTS)
         _choice("gate_mode", self.gate_mode, GATE_MODES)
         _choice("gate_activation", self.gate_activation, GATE_ACTIVATIONS)
+        _choice("memory_write", self.memory_write, MEMORY_WRITES)
         _choice("stm_init", self.stm_init, ("normal", "learned"))
         _choice("attn_impl", self.attn_impl, ATTENTION_IMPLS)
         for name in ("vocab_size", "n_layers", "ffn_dim", "stm_slots", "max_seq_len"):

@@ -7,6 +7,12 @@ layer). The memory attention network folds it into memory, layer by layer (arXiv
     Update_i  = Attn(Q = norm(S'_i), K = V = norm(ED_i))  # RoPE on keys only
     STM_t,i   = (1 - G) * STM_{t-1,i} + G * Update_i      # residual gate, G = sigmoid(.)
 
+Competitive writes (``memory_write: competitive``) replace the softmax over the turn's tokens by one
+over the slots, as in Slot Attention (arXiv 2006.15055): each token is split among the slots, a
+slot's update is the mean of the tokens it took, and its gate is scaled by how much it took,
+1 - exp(-taken). Slots compete for a turn instead of all reading it, so a slot that takes nothing
+keeps what it holds.
+
 Variants differ only by the pre-step:
     simple                  none
     self                    S' = STM_i + Attn(STM_i <- STM_i)
@@ -15,6 +21,8 @@ Variants differ only by the pre-step:
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -88,14 +96,17 @@ class ResidualGate(nn.Module):
             return self.weight * summary + self.bias + self.read_old(old) + self.read_update(update)
         return self.linear(summary.squeeze(-1)).unsqueeze(-1)
 
-    def forward(self, old: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    def forward(self, old: torch.Tensor, update: torch.Tensor, share: torch.Tensor | None = None) -> torch.Tensor:
+        """share: (B, S, 1) in [0, 1], scales how much each slot is written (competitive writes)."""
         if self.activation == "none":
-            return old + update
+            return old + (update if share is None else share * update)
         logits = self.gate_logits(old, update)
         if self.activation == "sigmoid":
-            g = torch.sigmoid(logits)
+            g = torch.sigmoid(logits) * (1 if share is None else share)
             return (1 - g) * old + g * update
         g = torch.tanh(logits)
+        if share is not None:  # tanh: G in (-1, 1); a slot that takes nothing stays as it was
+            return old + share * ((1 + g) * update - g * old)
         return (1 - g) * old + (1 + g) * update
 
 
@@ -105,7 +116,7 @@ class MemoryAttentionLayer(nn.Module):
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
         super().__init__()
         c = config
-        self.variant = c.memory_attention
+        self.variant, self.write = c.memory_attention, c.memory_write
         heads = (c.d_model, c.n_heads, c.cross_n_q_heads, c.cross_n_kv_heads)
         if self.variant != "simple":
             self.pre_norm = RMSNorm(c.d_model, c.norm_eps)
@@ -134,10 +145,40 @@ class MemoryAttentionLayer(nn.Module):
             source = self.pre_norm(self.pre_step_source(stm, stm_mean))
             query = stm + self.pre_attention(self.pre_norm(stm), source)
         ed_positions = positions_from_mask(ed_mask) if ed_mask is not None else None  # padding-proof RoPE
+        if self.write == "competitive":
+            update, taken = competitive_write(self.attention, self.stm_norm(query), self.ed_norm(ed), ed_positions, ed_mask)
+            return self.gate(stm, update, share=1 - torch.exp(-taken))
         update = self.attention(
             self.stm_norm(query), self.ed_norm(ed), context_positions=ed_positions, key_mask=ed_mask
         )
         return self.gate(stm, update)
+
+
+def competitive_write(
+    attention: Attention,
+    slots: torch.Tensor,
+    ed: torch.Tensor,
+    ed_positions: torch.Tensor | None,
+    ed_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots (B, S, D) compete for the tokens of ED (B, T, D) with the attention's projections.
+
+    Returns the update (B, S, D), each slot's mean of the tokens it took, and taken (B, S, 1), how
+    many tokens' worth it took (mean over heads; all slots together take T).
+    """
+    q = attention._heads(attention.q_proj(slots), attention.n_q_heads)  # (B, H_q, S, d)
+    k, v = attention.project_kv(ed, ed_positions)  # (B, H_kv, T, d), keys rotated
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, S, T)
+    weights = scores.softmax(dim=-2)  # each token splits itself among the slots
+    if ed_mask is not None:
+        weights = weights * ed_mask[:, None, None, :].to(weights.dtype)  # padding gives nothing
+    taken = weights.sum(-1, keepdim=True)  # (B, H, S, 1)
+    out = (weights / (taken + 1e-6)) @ v.float()  # (B, H, S, d): the mean of what the slot took
+    b, h, s, d = out.shape
+    update = attention.o_proj(out.type_as(slots).transpose(1, 2).reshape(b, s, h * d))
+    return update, taken.mean(1).type_as(slots)
 
 
 class MemoryAttention(nn.Module):

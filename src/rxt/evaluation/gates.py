@@ -1,7 +1,8 @@
 """`rxt eval gates`: how does a trained RxT write its memory?
 
 Replays held-out dialogues turn by turn (the reference answers as the interactions) and records every
-residual gate G of every memory update, STM_t = (1 - G) * STM_{t-1} + G * Update. Per STM layer:
+residual gate G of every memory update, STM_t = (1 - G) * STM_{t-1} + G * Update (with competitive
+writes, G times the share of the turn the slot took). Per STM layer:
 
     mean          the average G: how much of a slot one turn replaces
     across slots  spread of the slots' average G: do slots write at different rates?
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,11 +37,13 @@ def gate_statistics(model: ReactiveTransformer, dialogues: Sequence[Dialogue]) -
     layers = model.memory_attention.layers
     seen: list[list[torch.Tensor]] = [[] for _ in layers]  # per layer: (S,) mean over D, one per update
     told_flags: list[bool] = []
+    def record(i: int, gate, inputs, kwargs, _output) -> None:
+        g = torch.sigmoid(gate.gate_logits(*inputs[:2]))
+        share = kwargs.get("share", inputs[2] if len(inputs) > 2 else None)  # competitive writes scale G
+        seen[i].append((g if share is None else g * share).mean(-1)[0])
+
     hooks = [
-        layer.gate.register_forward_hook(
-            lambda gate, inputs, _output, i=i: seen[i].append(torch.sigmoid(gate.gate_logits(*inputs)).mean(-1)[0])
-        )
-        for i, layer in enumerate(layers)
+        layer.gate.register_forward_hook(partial(record, i), with_kwargs=True) for i, layer in enumerate(layers)
     ]
     try:
         model.eval()
