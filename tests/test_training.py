@@ -61,6 +61,15 @@ def test_copy_probe_data_is_valid_and_new_at_every_question(tmp_path):
     words = [[t.check["value"] for t in d.turns if t.check] for d in held]
     assert all(len(w) == 1 for w in words) and len({w[0] for w in words}) > 0.95 * len(held)
     assert {t.check["distance"] for d in train[:200] for t in d.turns if t.check} == {1, 2, 3}
+    # the binding variant: three new words for three named locks, every one asked for
+    assert validate(tmp_path / "binding-train.jsonl") == [] and validate(tmp_path / "binding-heldout.jsonl") == []
+    for d in read_dialogues(tmp_path / "binding-heldout.jsonl")[:50]:
+        checks = [t.check for t in d.turns if t.check]
+        assert len(checks) == 3 and len({c["slot"] for c in checks}) == 3 and len({c["value"] for c in checks}) == 3
+        for t, turn in enumerate(d.turns):
+            if turn.check:  # the distance points at the turn that told this lock's code
+                told = d.turns[t - turn.check["distance"]]
+                assert told.query == f"The {turn.check['slot']} code is {turn.check['value']}."
 
 
 def test_recipe_rejects_unknown_and_mistyped_keys():

@@ -3,7 +3,12 @@
 Nothing but the memory can answer: every code word is new (three random consonant-vowel syllables),
 the answer repeats it exactly, and the turns between are small talk.
 
+The binding variant tells three code words, each for a named lock ("The door code is Novedo."),
+with small talk between, then asks for all three in a random order: the memory must keep three new
+words apart and know which lock each opens.
+
     python experiments/copy_probe/make_data.py      # writes experiments/copy_probe/data/{train,heldout}.jsonl
+                                                    # and {binding-train,binding-heldout}.jsonl
 """
 
 from __future__ import annotations
@@ -34,13 +39,30 @@ def dialogue(rng: random.Random, name: str) -> dict:
     return {"id": name, "turns": turns}
 
 
+LOCKS = ("door", "safe", "bike", "locker", "phone", "garage")
+
+
+def binding_dialogue(rng: random.Random, name: str) -> dict:
+    codes = {lock: code_word(rng) for lock in rng.sample(LOCKS, 3)}
+    turns, told = [], {}
+    for lock, word in codes.items():
+        told[lock] = len(turns)
+        turns.append({"query": f"The {lock} code is {word}.", "answer": f"Noted, the {lock} code."})
+        turns += [{"query": q, "answer": a} for q, a in (rng.choice(SMALL_TALK) for _ in range(rng.randint(0, 1)))]
+    for lock in rng.sample(list(codes), len(codes)):
+        turns.append({"query": f"What is the {lock} code?", "answer": f"The {lock} code is {codes[lock]}.",
+                      "check": {"slot": lock, "value": codes[lock], "distance": len(turns) - told[lock]}})
+    return {"id": name, "turns": turns}
+
+
 def main(out: Path = Path(__file__).parent / "data") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for split, count, seed in (("train", 20000, 0), ("heldout", 300, 1)):
-        rng = random.Random(seed)
-        lines = [json.dumps(dialogue(rng, f"{split}-{i}")) for i in range(count)]
-        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-        print(f"{out / split}.jsonl: {count} dialogues")
+    for kind, make in (("", dialogue), ("binding-", binding_dialogue)):
+        for split, count, seed in (("train", 20000, 0), ("heldout", 300, 1)):
+            rng = random.Random(f"{kind}{seed}" if kind else seed)
+            lines = [json.dumps(make(rng, f"{kind}{split}-{i}")) for i in range(count)]
+            (out / f"{kind}{split}.jsonl").write_text("\n".join(lines) + "\n")
+            print(f"{out / f'{kind}{split}.jsonl'}: {count} dialogues")
 
 
 if __name__ == "__main__":
