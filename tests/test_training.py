@@ -38,7 +38,8 @@ def tiny_run(out: Path, tokenizer_dir: Path, **stage_overrides) -> RecipeRun:
     for stage, values in stage_overrides.items():
         for key, value in values.items():
             setattr(getattr(recipe.stages, stage), key, value)
-    shutil.copytree(tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
+    if not (out / "tokenizer").is_dir():  # DDP workers share theirs, copied before they start
+        shutil.copytree(tokenizer_dir, out / "tokenizer")
     return RecipeRun(recipe, out, resume=True, progress=False)
 
 
@@ -168,6 +169,8 @@ def test_two_process_ddp_matches_one_process(tmp_path, tokenizer_dir):
     """Two gloo processes with half the batch each end with the weights of one process (SMAT, baseline)."""
     result = tmp_path / "ddp.pt"
     rendezvous = tmp_path / "rendezvous"  # a file store: no TCP port to race another test run for
+    for stage in DDP_STAGES:  # one copy both workers read: two copying at once could read a half-written file
+        shutil.copytree(tokenizer_dir, tmp_path / "two" / stage / "tokenizer")
     mp.spawn(_ddp_worker, args=(2, str(rendezvous), str(tmp_path / "two"), str(tokenizer_dir), str(result)),
              nprocs=2, join=True)
     double = torch.load(result)
