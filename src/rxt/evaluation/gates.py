@@ -37,6 +37,7 @@ def gate_statistics(model: ReactiveTransformer, dialogues: Sequence[Dialogue]) -
     layers = model.memory_attention.layers
     seen: list[list[torch.Tensor]] = [[] for _ in layers]  # per layer: (S,) mean over D, one per update
     told_flags: list[bool] = []
+
     def record(i: int, gate, inputs, kwargs, _output) -> None:
         g = torch.sigmoid(gate.gate_logits(*inputs[:2]))
         share = kwargs.get("share", inputs[2] if len(inputs) > 2 else None)  # competitive writes scale G
