@@ -349,6 +349,14 @@ def test_a_run_continues_from_an_earlier_one(tmp_path):
     stm, ids = old.initial_memory(2) + torch.randn(old.config.n_layers, 2, old.config.stm_slots, old.config.d_model), torch.randint(0, 300, (2, 7))
     with torch.no_grad():
         assert torch.allclose(grown.update_memory(stm, ids), old.update_memory(stm, ids), atol=1e-6)
+    recipe["model"]["overrides"]["memory_write"] = "competitive"  # another write rule over the same weights
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", "--recipe", str(path), "--out", str(tmp_path / "rewired"), "--no-progress", "--only", "rxt"]) == 0
+    rewired = ReactiveTransformer.from_pretrained(tmp_path / "rewired" / "rxt")
+    assert rewired.config.memory_write == "competitive"
+    a, b = grown.state_dict(), rewired.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    del recipe["model"]["overrides"]["memory_write"]
     recipe["model"]["overrides"]["gate_mode"] = "linear"  # other gates are other models
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(ValueError, match="gate_mode"):

@@ -209,15 +209,19 @@ class RecipeRun:
         if not (directory / "model.safetensors").is_file():
             return fresh
         loaded = type(fresh).from_pretrained(directory)
-        differ = sorted(k for k, v in loaded.config.to_dict().items() if fresh.config.to_dict()[k] != v)
-        if differ == ["gate_mode"] and (loaded.config.gate_mode, fresh.config.gate_mode) == ("elementwise", "content"):
-            # grow content gates: every weight carries over, the new maps start at zero (same function)
+        old, new = loaded.config.to_dict(), fresh.config.to_dict()
+        differ = sorted(k for k, v in old.items() if new[k] != v)
+        # A continued run may switch how memory is written (same weights, other normalisation) and
+        # grow content gates on elementwise ones (the new maps start at zero: the same function).
+        grows = old["gate_mode"] == "elementwise" and new["gate_mode"] == "content"
+        refused = [k for k in differ if k != "memory_write" and not (k == "gate_mode" and grows)]
+        if refused:
+            raise ValueError(f"init_from: {directory} is a different model than the recipe's (differs in {refused})")
+        if differ:
             missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
             if unexpected or not all(k.endswith(("gate.read_old.weight", "gate.read_update.weight")) for k in missing):
-                raise ValueError(f"init_from: cannot grow content gates from {directory}: {missing + unexpected}")
+                raise ValueError(f"init_from: cannot carry {directory}'s weights over: {missing + unexpected}")
             return fresh
-        if differ:
-            raise ValueError(f"init_from: {directory} is a different model than the recipe's (differs in {differ})")
         return loaded
 
     def run(self, only: str | None = None) -> dict:
