@@ -137,7 +137,8 @@ class Recipe:
     checkpoint_every: int = 100
     recall_dialogues: int = 64  # held-out dialogues for the greedy recall check at the end
     # a previous run's output directory (rxt/ and/or baseline/): continue from its weights and
-    # tokenizer instead of starting from scratch; `model` must describe the same architecture
+    # tokenizer instead of starting from scratch; `model` must describe the same architecture (it may
+    # switch memory_write, and grow content gates on elementwise ones)
     init_from: str = ""
     model: ModelSpec = field(default_factory=ModelSpec)
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
