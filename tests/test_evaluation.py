@@ -139,6 +139,9 @@ def test_gate_statistics_tell_content_blind_gates_from_content_gates(engines):
                                                       memory_write="competitive"))
     model.tokenizer = tokenizer
     assert all(layer["across_turns"] > 0.01 for layer in gate_statistics(model, dialogues))
+    queue = ReactiveTransformer(ModelConfig.from_name("tiny", memory_write="queue", write_slots=2))
+    with pytest.raises(ValueError, match="no gates"):
+        gate_statistics(queue, dialogues)
 
 
 def test_eval_gates_cli(engines, tmp_path, capsys):

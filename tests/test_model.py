@@ -206,6 +206,37 @@ def test_competitive_writes_ignore_padding_and_share_out_every_token(variant: st
     assert_close(taken.sum(dim=(1, 2)), ed_mask.sum(-1).float(), **TOL)  # all slots together take every token
 
 
+@pytest.mark.parametrize("variant", MEMORY_ATTENTION_VARIANTS)
+def test_queue_writes_append_the_turn_and_drop_the_oldest_slots(variant: str) -> None:
+    network, stm, encoded, ed_mask = memory_attention_case(memory_attention=variant, memory_write="queue", write_slots=2)
+    new = network(stm, encoded, ed_mask)
+    assert torch.equal(new[:, :, :-2], stm[:, :, 2:])  # every other slot kept exactly, two places on
+    flipped = network(stm, [e.flip(1) for e in encoded], ed_mask)
+    assert not torch.allclose(flipped[:, :, -2:], new[:, :, -2:], atol=1e-4)  # the new slots read the turn
+    assert_close(new[:, 1:], network(stm[:, 1:], [e[1:, 2:] for e in encoded]), **TOL)  # padding is ignored
+    starts = (stm, random_stm(tiny(), 2, seed=5))
+    ends = []
+    for memory in starts:
+        for _ in range(stm.shape[2] // 2):  # stm_slots / write_slots turns: every slot written anew
+            memory = network(memory, encoded, ed_mask)
+        ends.append(memory)
+    for start, end in zip(starts, ends, strict=True):
+        assert not (end[..., None, :] == start[..., None, :, :]).all(-1).any()  # no slot of the start is left
+    if variant == "simple":  # nothing reads the old memory: after enough turns, the start is forgotten
+        assert_close(ends[0], ends[1], **TOL)
+    else:  # the pre-step reads it: the new slots carry what the memory held
+        assert not torch.allclose(ends[0], ends[1], atol=1e-4)
+
+
+def test_queue_writes_need_write_slots() -> None:
+    with pytest.raises(ValueError, match="write_slots"):
+        tiny(memory_write="queue")
+    with pytest.raises(ValueError, match="write_slots=20 <= stm_slots=8|stm_slots=8"):
+        tiny(memory_write="queue", write_slots=20)
+    with pytest.raises(ValueError, match="write_slots=2 is for memory_write 'queue'"):
+        tiny(write_slots=2)
+
+
 @pytest.mark.parametrize("activation", GATE_ACTIVATIONS)
 def test_a_slot_that_takes_nothing_keeps_its_memory(activation: str) -> None:
     gate = randomized_gate("elementwise", activation)
@@ -343,13 +374,16 @@ def joint_loss(model: ReactiveTransformer) -> torch.Tensor:
         ("interlayer", "content", "sigmoid"),
         ("interlayer", "competitive", "sigmoid"),
         ("self", "competitive", "tanh"),
+        ("interlayer", "queue", "sigmoid"),
+        ("gated_self_interlayer", "queue", "sigmoid"),
     ],
 )
 def test_gradients_reach_every_parameter(variant: str, gate_mode: str, activation: str) -> None:
-    """gate_mode "competitive" stands for competitive writes with elementwise gates."""
-    write = "competitive" if gate_mode == "competitive" else "attention"
-    gate_mode = "elementwise" if gate_mode == "competitive" else gate_mode
-    config = dict(memory_attention=variant, gate_mode=gate_mode, gate_activation=activation, memory_write=write)
+    """gate_mode "competitive" / "queue" stand for those writes (with elementwise gates / none)."""
+    write = gate_mode if gate_mode in ("competitive", "queue") else "attention"
+    gate_mode = "elementwise" if write != "attention" else gate_mode
+    config = dict(memory_attention=variant, gate_mode=gate_mode, gate_activation=activation, memory_write=write,
+                  write_slots=2 if write == "queue" else 0)
     model = make_rxt(stm_init="learned", moe_experts=4, **config).train()
     joint_loss(model).backward()
     no_grad = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]

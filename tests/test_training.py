@@ -117,6 +117,23 @@ def test_each_stage_loss_falls(tmp_path, tokenizer_dir, stage):
     assert losses[-1] < losses[0] - 0.05 * abs(losses[0]), losses
 
 
+@pytest.mark.parametrize("stage", ["memory_attention", "smat"])
+def test_queue_writes_train_in_the_memory_stages(tmp_path, tokenizer_dir, stage):
+    run = tiny_run(tmp_path, tokenizer_dir, **{stage: {"steps": 12, "lr": 1e-2, "warmup_steps": 1}})
+    run.recipe.model.overrides.update(memory_write="queue", write_slots=2)
+    torch.manual_seed(0)
+    rxt, _ = run.build_models()
+    assert rxt.config.memory_write == "queue"
+    trainer = run.trainer(stage, rxt)
+    fixed = trainer.make_batch(0, 0, 0, 1)
+    trainer.make_batch = lambda *args: fixed
+    trainer.checkpoint_every = 10**6
+    before = [layer.write_queries.detach().clone() for layer in rxt.memory_attention.layers]
+    losses = [trainer.train_step()["loss"] for _ in range(12)]
+    assert losses[-1] < losses[0] - 0.05 * abs(losses[0]), losses
+    assert all(not torch.equal(b, layer.write_queries) for b, layer in zip(before, rxt.memory_attention.layers, strict=True))
+
+
 def _smat_weights(out: Path, tokenizer_dir: Path, stop_after: int | None) -> dict:
     run = tiny_run(out, tokenizer_dir, smat={"steps": 6, "unfreeze_step": 2})
     torch.manual_seed(0)

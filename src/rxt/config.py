@@ -13,7 +13,7 @@ from rxt.attention import ATTENTION_IMPLS, check_heads
 MEMORY_ATTENTION_VARIANTS = ("simple", "self", "interlayer", "gated_self_interlayer")
 GATE_MODES = ("static", "elementwise", "linear", "content")
 GATE_ACTIVATIONS = ("sigmoid", "tanh", "none")
-MEMORY_WRITES = ("attention", "competitive")
+MEMORY_WRITES = ("attention", "competitive", "queue")
 
 
 @dataclass
@@ -37,8 +37,10 @@ class ModelConfig:
     gate_mode: str = "elementwise"  # one of GATE_MODES
     gate_activation: str = "sigmoid"  # one of GATE_ACTIVATIONS
     # how slots read a turn: "attention" (each slot a softmax over the tokens) or "competitive"
-    # (each token split among the slots; a slot that takes no token keeps what it holds)
+    # (each token split among the slots; a slot that takes no token keeps what it holds), or "queue"
+    # (each turn folded into write_slots new slots; the oldest write_slots slots drop out)
     memory_write: str = "attention"
+    write_slots: int = 0  # slots a queue write fills per turn (stm_slots / write_slots turns are kept)
     max_seq_len: int = 1024  # RoPE table length: longest sequence one pass may see
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
@@ -54,6 +56,11 @@ class ModelConfig:
         _choice("gate_mode", self.gate_mode, GATE_MODES)
         _choice("gate_activation", self.gate_activation, GATE_ACTIVATIONS)
         _choice("memory_write", self.memory_write, MEMORY_WRITES)
+        if self.memory_write == "queue" and not 1 <= self.write_slots <= self.stm_slots:
+            raise ValueError(f"memory_write 'queue' needs 1 <= write_slots <= stm_slots={self.stm_slots}, "
+                             f"got write_slots={self.write_slots}")
+        if self.memory_write != "queue" and self.write_slots:
+            raise ValueError(f"write_slots={self.write_slots} is for memory_write 'queue' (got {self.memory_write!r})")
         _choice("stm_init", self.stm_init, ("normal", "learned"))
         _choice("attn_impl", self.attn_impl, ATTENTION_IMPLS)
         for name in ("vocab_size", "n_layers", "ffn_dim", "stm_slots", "max_seq_len"):

@@ -13,6 +13,12 @@ slot's update is the mean of the tokens it took, and its gate is scaled by how m
 1 - exp(-taken). Slots compete for a turn instead of all reading it, so a slot that takes nothing
 keeps what it holds.
 
+Queue writes (``memory_write: queue``) fold each turn into ``write_slots`` new slots instead: learned
+write queries read the memory (the variant's pre-step) and then the turn, the new slots join the end
+of the memory and the oldest as many drop out. No gate: a fact is never written over, only dropped
+once stm_slots / write_slots newer turns have been written (the order of the slots is the only
+clock; the decoder still reads them without positions).
+
 Variants differ only by the pre-step:
     simple                  none
     self                    S' = STM_i + Attn(STM_i <- STM_i)
@@ -126,7 +132,10 @@ class MemoryAttentionLayer(nn.Module):
         self.stm_norm = RMSNorm(c.d_model, c.norm_eps)
         self.ed_norm = RMSNorm(c.d_model, c.norm_eps)
         self.attention = Attention(*heads, rope="k", impl=c.attn_impl, rotary=rotary)
-        self.gate = ResidualGate(c.stm_slots, c.gate_mode, c.gate_activation, c.d_model)
+        if self.write == "queue":  # no gate: new slots replace the oldest ones whole
+            self.write_queries = nn.Parameter(torch.randn(c.write_slots, c.d_model) * c.stm_init_std)
+        else:
+            self.gate = ResidualGate(c.stm_slots, c.gate_mode, c.gate_activation, c.d_model)
 
     def pre_step_source(self, stm: torch.Tensor, stm_mean: torch.Tensor) -> torch.Tensor:
         if self.variant == "self":
@@ -140,10 +149,10 @@ class MemoryAttentionLayer(nn.Module):
         self, stm: torch.Tensor, stm_mean: torch.Tensor, ed: torch.Tensor, ed_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """stm: (B, S, D) this layer's memory; stm_mean: (B, S, D) mean over layers; ed: (B, T, D)."""
-        query = stm
+        query = self.write_queries.expand(stm.shape[0], -1, -1) if self.write == "queue" else stm
         if self.variant != "simple":
             source = self.pre_norm(self.pre_step_source(stm, stm_mean))
-            query = stm + self.pre_attention(self.pre_norm(stm), source)
+            query = query + self.pre_attention(self.pre_norm(query), source)
         ed_positions = positions_from_mask(ed_mask) if ed_mask is not None else None  # padding-proof RoPE
         if self.write == "competitive":
             update, taken = competitive_write(self.attention, self.stm_norm(query), self.ed_norm(ed), ed_positions, ed_mask)
@@ -151,6 +160,8 @@ class MemoryAttentionLayer(nn.Module):
         update = self.attention(
             self.stm_norm(query), self.ed_norm(ed), context_positions=ed_positions, key_mask=ed_mask
         )
+        if self.write == "queue":  # the turn's new slots go to the end, the oldest as many drop out
+            return torch.cat([stm[:, query.shape[1] :], query + update], dim=1)
         return self.gate(stm, update)
 
 

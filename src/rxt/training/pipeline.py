@@ -142,7 +142,8 @@ class RecipeRun:
         if stage == "memory_attention":
             turns = self.recipe.stages.memory_attention.max_turns
             train, held = DialogueSource(tok, self.train_dialogues, turns), DialogueSource(tok, self.heldout_dialogues, turns)
-            build = partial(DialogueSource.turns_batch, count="vectors", slots=c.stm_slots, layers=c.n_layers)
+            written = c.write_slots if c.memory_write == "queue" else c.stm_slots  # the slots the loss scores
+            build = partial(DialogueSource.turns_batch, count="vectors", slots=written, layers=c.n_layers)
             return partial(build, train), partial(build, held)
         train = DialogueSource(tok, self.train_dialogues, recall_weight=weight)
         return train.turns_batch, DialogueSource(tok, self.heldout_dialogues).turns_batch

@@ -104,11 +104,15 @@ def memory_attention_loss(model: ReactiveTransformer, turns: list[dict], spec: M
             encoded = model.encode(ids, mask)
         noisy = [e + spec.input_noise * torch.randn(e.shape, generator=generator).to(device) for e in encoded]
         updated = model.consolidate(stm, noisy, mask)  # (L, B, S, D)
-        w = new_data_weight(spec, t, generator)
-        pooled = torch.stack([pool_to_slots(e, mask, stm.shape[2]) for e in encoded])  # (L, B, S, D)
-        target = (1 - w) * stm + w * pooled
+        if model.config.memory_write == "queue":  # the new slots should sum up the turn; the rest is a copy
+            k = model.config.write_slots
+            written, target = updated[:, :, -k:], torch.stack([pool_to_slots(e, mask, k) for e in encoded])
+        else:
+            w = new_data_weight(spec, t, generator)
+            pooled = torch.stack([pool_to_slots(e, mask, stm.shape[2]) for e in encoded])  # (L, B, S, D)
+            written, target = updated, (1 - w) * stm + w * pooled
         target = target + spec.label_noise * target.std() * torch.randn(target.shape, generator=generator).to(device)
-        cosine = F.cosine_similarity(updated, target.detach(), dim=-1)  # (L, B, S)
+        cosine = F.cosine_similarity(written, target.detach(), dim=-1)  # (L, B, S)
         total = total - cosine.sum()
         stm = updated.detach()
     return total, {}
