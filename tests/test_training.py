@@ -373,7 +373,14 @@ def test_a_run_continues_from_an_earlier_one(tmp_path):
     assert rewired.config.memory_write == "competitive"
     a, b = grown.state_dict(), rewired.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    del recipe["model"]["overrides"]["memory_write"]
+    recipe["model"]["overrides"].update(memory_write="queue", write_slots=2)  # gates dropped, write queries new
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", "--recipe", str(path), "--out", str(tmp_path / "queued"), "--no-progress", "--only", "rxt"]) == 0
+    queued = ReactiveTransformer.from_pretrained(tmp_path / "queued" / "rxt").state_dict()
+    assert {k for k in a if k not in queued} == {k for k in a if ".gate." in k and k.startswith("memory_attention.")}
+    assert all(torch.equal(a[k], queued[k]) for k in a if k in queued)
+    assert {k for k in queued if k not in a} == {f"memory_attention.layers.{i}.write_queries" for i in range(2)}
+    del recipe["model"]["overrides"]["memory_write"], recipe["model"]["overrides"]["write_slots"]
     recipe["model"]["overrides"]["gate_mode"] = "linear"  # other gates are other models
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(ValueError, match="gate_mode"):

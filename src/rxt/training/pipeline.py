@@ -212,15 +212,19 @@ class RecipeRun:
         loaded = type(fresh).from_pretrained(directory)
         old, new = loaded.config.to_dict(), fresh.config.to_dict()
         differ = sorted(k for k, v in old.items() if new[k] != v)
-        # A continued run may switch how memory is written (same weights, other normalisation) and
-        # grow content gates on elementwise ones (the new maps start at zero: the same function).
+        # A continued run may switch how memory is written (the attention's weights carry over; a queue
+        # write drops the gates and starts new write queries) and grow content gates on elementwise ones
+        # (the new maps start at zero: the same function).
         grows = old["gate_mode"] == "elementwise" and new["gate_mode"] == "content"
-        refused = [k for k in differ if k != "memory_write" and not (k == "gate_mode" and grows)]
+        refused = [k for k in differ if k not in ("memory_write", "write_slots") and not (k == "gate_mode" and grows)]
         if refused:
             raise ValueError(f"init_from: {directory} is a different model than the recipe's (differs in {refused})")
         if differ:
             missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
-            if unexpected or not all(k.endswith(("gate.read_old.weight", "gate.read_update.weight")) for k in missing):
+            queue = new["memory_write"] == "queue"
+            started = ("write_queries",) if queue else ("gate.read_old.weight", "gate.read_update.weight")
+            dropped = [k for k in unexpected if not (queue and k.startswith("memory_attention.") and ".gate." in k)]
+            if dropped or not all(k.endswith(started) for k in missing):
                 raise ValueError(f"init_from: cannot carry {directory}'s weights over: {missing + unexpected}")
             return fresh
         return loaded
