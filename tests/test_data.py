@@ -179,6 +179,62 @@ def test_english_fresh_values_take_their_pools_case():
         DialogueGenerator(0, "train", fresh_values=0.5, fresh_words="klingon")
 
 
+def test_real_fresh_values_are_real_nouns_in_their_pools_case_and_never_held_out():
+    from rxt.data.dialogues import real_words
+
+    nouns = set(real_words())
+    assert len(nouns) > 5000 and not nouns & HELDOUT_WORDS and "lantern" in nouns
+    lowercase = {f.slot for f in FACTS if POOLS[f.pool][0].islower()}
+    real = [c for c in _asked(DialogueGenerator(0, "train", fresh_values=1.0, fresh_words="real"), 300)
+            if c["slot"] != "age"]
+    assert all(c["value"].lower() in nouns for c in real)
+    assert all(c["value"] == (c["value"].lower() if c["slot"] in lowercase else c["value"].capitalize()) for c in real)
+    assert len({c["value"].lower() for c in real}) > 0.9 * len(real)  # drawn from thousands
+    every = [c["value"].lower() for c in _asked(DialogueGenerator(0, "train", fresh_values=1.0, fresh_words="all"),
+                                                600) if c["slot"] != "age"]
+    share = sum(v in nouns for v in every) / len(every)
+    assert 0.2 < share < 0.5  # a third real, the rest invented (a few invented words are real too)
+    assert not set(every) & HELDOUT_WORDS
+
+
+def test_frames_wrap_training_queries_and_keep_everything_else():
+    from rxt.data.dialogues import CLOSERS, OPENERS, SMALL_TALK, split_templates
+
+    assert DialogueGenerator(0, "train", frames=0.0).take(50) == DialogueGenerator(0, "train").take(50)
+    templates = [t for f in FACTS for t in split_templates(f.statements + f.updates + f.questions, "train")]
+    templates += [q for q, _ in SMALL_TALK if not q.startswith("*")]
+    patterns = [_pattern(t) for t in templates]
+    for d in DialogueGenerator(0, "train", frames=1.0).take(100):
+        told = {}
+        for turn in d.turns:  # every query is "Opener, query", "query Closer" or both, around a training query
+            core = turn.query
+            opener = next((o for o in OPENERS if core.startswith(o)), None)
+            core = core[len(opener):] if opener else core
+            closer = next((c for c in CLOSERS if core.endswith(c)), None)
+            core = core[: -len(closer)] if closer else core
+            assert opener or closer, turn.query
+            if opener and core[:1].islower():  # the opener lower-cased the first word, never "I"
+                core = core[:1].upper() + core[1:]
+            assert any(p.match(core) for p in patterns), turn.query
+            assert not (opener and core.split(" ", 1)[0] in ("I", "I'm") and turn.query[len(opener)] != "I")
+            for slot, value in told.items():
+                if turn.check and turn.check["slot"] == slot:
+                    assert turn.check["value"] == value and value in turn.answer
+            for f in FACTS:  # remember what each statement told
+                for t in split_templates(f.statements + f.updates, "train"):
+                    m = re.match("^" + re.escape(t).replace(re.escape("{v}"), "(.+)") + "$", core)
+                    if m:
+                        told[f.slot] = m.group(1)
+    some = [t.query for d in DialogueGenerator(0, "train", frames=0.3).take(300) for t in d.turns]
+    share = sum(q.startswith(OPENERS) or q.endswith(CLOSERS) for q in some) / len(some)
+    assert 0.2 < share < 0.4
+    assert DialogueGenerator(0, "train", frames=0.3).shorter(4).frames == 0.3
+    with pytest.raises(ValueError, match="frames"):
+        DialogueGenerator(0, "heldout", frames=0.3)  # held-out phrasings stay what they are
+    with pytest.raises(ValueError, match="frames"):
+        DialogueGenerator(0, "train", frames=1.5)
+
+
 @pytest.mark.parametrize("split, share", [("heldout", 0.5), ("train", 1.5), ("train", -0.1)])
 def test_fresh_values_reject_bad_settings(split, share):
     with pytest.raises(ValueError, match="fresh_values"):

@@ -309,6 +309,8 @@ def test_training_on_your_own_jsonl_dialogues(tmp_path, monkeypatch):
     ({"train_file": "missing.jsonl"}, "no such file"),
     ({"train_file": "RECIPE", "fresh_values": 0.5}, "fresh_values"),
     ({"fresh_values": 0.5, "fresh_words": "klingon"}, "fresh_words"),
+    ({"frames": 2}, "frames"),
+    ({"train_file": "RECIPE", "frames": 0.3}, "frames"),
     ({"recall_weight": 0}, "recall_weight"),
     ({"facts_per_dialogue": [5, 3]}, "facts_per_dialogue"),
     ({"facts_per_dialogue": [2, 11]}, "facts_per_dialogue"),

@@ -16,15 +16,22 @@ the train split draws a share p of its values as newly invented words (never a h
 that a model cannot get by on memorising the training values and has to learn to copy;
 ``fresh_words="english"`` makes them English-looking and lower case where the pool's words are, so
 the copying also covers the sub-words real held-out words ("carrots", "painter") split into;
-``fresh_words="mixed"`` draws either kind.
+``fresh_words="mixed"`` draws either kind; ``"real"`` takes real English nouns (the ``wonderwords``
+package's list, held-out values excluded), so copying also meets the sub-word sequences of real
+words; ``"all"`` draws each of the three kinds a third of the time. With ``frames=p`` a share p of
+the training queries is wrapped in a frame ("By the way, my name is Ann.", "Who am I? Just curious."),
+so that a model meets each fact in more than its few bare templates and has to find the fact in
+words around it, as in a phrasing it never saw.
 
 Generation is deterministic and random-access: dialogue ``i`` of (seed, split) is always the same.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, field
+from importlib import resources
 
 SPLITS = ("train", "heldout")
 
@@ -224,7 +231,7 @@ def split_pool(values: list[str], split: str) -> list[str]:
 _TRAIN_WORDS = {v.lower() for pool in POOLS.values() for v in split_pool(pool, "train")}
 HELDOUT_WORDS = {v.lower() for pool in POOLS.values() for v in split_pool(pool, "heldout")}
 FRESH_SYLLABLES = (2, 3, 4)
-FRESH_WORDS = ("syllables", "english", "mixed")
+FRESH_WORDS = ("syllables", "english", "mixed", "real", "all")
 
 # English-looking pieces: consonant clusters, vowel pairs, codas and endings, so that invented words
 # split into the same sub-words as real ones ("carrots" -> c ar r ots, "Lucky" -> L u ck y)
@@ -240,17 +247,33 @@ def english_word(rng: random.Random) -> str:
     return ("".join(pieces) + rng.choice(_EN_ENDINGS)).replace("-", "")
 
 
+@functools.cache
+def real_words() -> tuple[str, ...]:
+    """Real English nouns, lower case, 3-12 letters, none of them a held-out value (wonderwords' list,
+    less its profanity list)."""
+    assets = resources.files("wonderwords.assets")
+    profane = set(assets.joinpath("profanitylist.txt").read_text().lower().split())
+    nouns = assets.joinpath("nounlist.txt").read_text().split()
+    return tuple(sorted({w for w in nouns if w.isascii() and w.isalpha() and w.islower() and 3 <= len(w) <= 12}
+                        - profane - HELDOUT_WORDS))
+
+
 def fresh_value(rng: random.Random, words: str = "syllables", lowercase: bool = False) -> str:
-    """A newly invented word that is no held-out value: training values nobody can memorise.
+    """A newly drawn word that is no held-out value: training values nobody can memorise.
 
     words="syllables": capitalised consonant-vowel syllables ("Runeba"). words="english": English-looking
     words with clusters and endings, lower case where the pool's words are (colours, foods, jobs, sports),
-    so that copying also learns the sub-words real held-out words split into. words="mixed": either
-    kind, half and half, both in the pool's case.
+    so that copying also learns the sub-words real held-out words split into. words="real": real English
+    nouns ("lantern", "Harbor"), from thousands. words="mixed": syllables or english, half and half;
+    words="all": syllables, english or real, a third each; all but "syllables" in the pool's case.
     """
+    kinds = {"mixed": ("syllables", "english"), "all": ("syllables", "english", "real")}
     while True:
-        kind = rng.choice(("syllables", "english")) if words == "mixed" else words
-        word = english_word(rng) if kind == "english" else invent_word(rng, FRESH_SYLLABLES)
+        kind = rng.choice(kinds[words]) if words in kinds else words
+        if kind == "real":
+            word = rng.choice(real_words())
+        else:
+            word = english_word(rng) if kind == "english" else invent_word(rng, FRESH_SYLLABLES)
         if words != "syllables":  # the pool's case; "syllables" alone keeps its capitals
             word = word.lower() if lowercase else word.capitalize()
         if len(word) > 2 and word.lower() not in HELDOUT_WORDS:
@@ -291,6 +314,25 @@ def heldout_only_templates() -> set[str]:
     return marked
 
 
+# Frames around a training query (``frames=p``): openers before it, closers after it.
+OPENERS = ("Oh, ", "By the way, ", "Okay, ", "So, ", "Well, ", "Hey, ", "Just so you know, ", "Also, ",
+           "Right, ", "Hmm, ", "Quick one: ", "Listen, ", "Anyway, ", "Hi again. ", "One more thing: ")
+CLOSERS = (" Thanks!", " Just curious.", " :)", " Okay?", " Cheers.", " Thank you.", " Ha.", " Please.")
+
+
+def frame(rng: random.Random, template: str) -> str:
+    """Wrap a query template in an opener, a closer or both. The opener lower-cases the template's
+    first word unless that is "I" or the value ("{v} is my little sister.")."""
+    where = rng.choice(("open", "close", "both"))
+    if where != "close":
+        first = template.split(" ", 1)[0]
+        keep = first.startswith("{") or first in ("I", "I'm")
+        template = rng.choice(OPENERS) + (template if keep else template[:1].lower() + template[1:])
+    if where != "open":
+        template += rng.choice(CLOSERS)
+    return template
+
+
 @dataclass
 class _Event:
     kind: str  # "state" | "update" | "ask"
@@ -318,6 +360,7 @@ class DialogueGenerator:
         fresh_values: float = 0.0,
         fresh_words: str = "syllables",
         values: str | None = None,
+        frames: float = 0.0,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -336,6 +379,9 @@ class DialogueGenerator:
         if fresh_words not in FRESH_WORDS:
             raise ValueError(f"fresh_words must be one of {FRESH_WORDS}, got {fresh_words!r}")
         self.fresh_values, self.fresh_words = fresh_values, fresh_words
+        if not 0.0 <= frames <= 1.0 or (frames and split != "train"):
+            raise ValueError(f"frames is a probability for the train split, got {frames} for {split!r}")
+        self.frames = frames
         self.values = values or split  # which pools the values come from: the split's own unless told
         self.pools = {name: split_pool(pool, self.values) for name, pool in POOLS.items()}
         self.small_talk = [(q.lstrip("*"), a) for q, a in SMALL_TALK if split == "heldout" or q[0] != "*"]
@@ -359,7 +405,7 @@ class DialogueGenerator:
         """The same kind of dialogues, at most ``max_turns`` long (recall distances < max_turns)."""
         return DialogueGenerator(self.seed, self.split, min(self.min_turns, max_turns), max_turns, max_turns - 1,
                                  self.facts_per_dialogue, self.update_prob, self.fresh_values, self.fresh_words,
-                                 self.values)
+                                 self.values, self.frames)
 
     def _plan(self, rng: random.Random, n_turns: int) -> dict[int, _Event]:
         """Place (state, [update], ask) triples on distinct turns; distances uniform in 1..max_distance."""
@@ -396,19 +442,23 @@ class DialogueGenerator:
         fact = FACTS_BY_SLOT[event.slot]
         if event.kind == "ask":
             value = values[fact.slot]
-            query = rng.choice(split_templates(fact.questions, self.split))
+            query = self._framed(rng, rng.choice(split_templates(fact.questions, self.split)))
             answer = rng.choice(fact.answers).format(v=value)
             return Turn(query, answer, {"slot": fact.slot, "value": value, "distance": event.distance})
         value = self._value(rng, fact, used)
         values[fact.slot] = value
         templates = fact.statements if event.kind == "state" else fact.updates
-        query = rng.choice(split_templates(templates, self.split)).format(v=value)
+        query = self._framed(rng, rng.choice(split_templates(templates, self.split))).format(v=value)
         answer = _capitalise(rng.choice(fact.acks).format(v=value))
         return Turn(query, answer)
 
     def _small_talk(self, rng: random.Random) -> Turn:
         query, answers = rng.choice(self.small_talk)
-        return Turn(query, rng.choice(answers))
+        return Turn(self._framed(rng, query), rng.choice(answers))
+
+    def _framed(self, rng: random.Random, template: str) -> str:
+        # no draw at all without frames: dialogues stay exactly what they were
+        return frame(rng, template) if self.frames and rng.random() < self.frames else template
 
 
 def _capitalise(text: str) -> str:

@@ -74,7 +74,7 @@ class RecipeRun:
             self.population = len(self.train_dialogues)
         else:
             self.train_dialogues = DialogueGenerator(data.seed, "train", fresh_values=data.fresh_values,
-                                                      fresh_words=data.fresh_words,
+                                                      fresh_words=data.fresh_words, frames=data.frames,
                                                       facts_per_dialogue=tuple(data.facts_per_dialogue), **options)
             self.population = data.train_dialogues
         if data.heldout_file:

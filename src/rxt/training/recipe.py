@@ -45,7 +45,10 @@ class DataSpec:
     heldout_dialogues: int = 64  # for held-out loss and the recall check
     corpus: bool = True  # mix chatterbot-corpus pairs into the language stages when installed
     fresh_values: float = 0.0  # share of training values invented afresh (no value pool to memorise)
-    fresh_words: str = "syllables"  # their shape: "syllables" ("Runeba"), "english" ("bleanots", "Stook") or "mixed"
+    # their shape: "syllables" ("Runeba"), "english" ("bleanots", "Stook"), "real" (real nouns: "lantern"),
+    # "mixed" (syllables or english) or "all" (any of the three)
+    fresh_words: str = "syllables"
+    frames: float = 0.0  # share of training queries wrapped in an opener or closer ("By the way, ...")
     # facts told (and later asked about) per training dialogue: [min, max] (the held-out check keeps 2-5)
     facts_per_dialogue: list[int] = field(default_factory=lambda: [2, 5])
     # loss weight of the answers to recall questions in SMAT and the baseline alike (the only answers
@@ -158,6 +161,10 @@ class Recipe:
         facts = self.data.facts_per_dialogue
         if len(facts) != 2 or not 1 <= facts[0] <= facts[1] <= len(FACTS):
             raise ValueError(f"data.facts_per_dialogue must be [min, max] with 1 <= min <= max <= {len(FACTS)}, got {facts}")
+        if not 0.0 <= self.data.frames <= 1.0:
+            raise ValueError(f"data.frames is a probability in [0, 1], got {self.data.frames}")
+        if self.data.train_file and self.data.frames:
+            raise ValueError("data.frames applies to synthetic dialogues, not to data.train_file")
         if self.data.train_file and self.data.fresh_values:
             raise ValueError("data.fresh_values applies to synthetic dialogues, not to data.train_file")
         for key in ("train_file", "heldout_file"):
