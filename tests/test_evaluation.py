@@ -186,3 +186,37 @@ def test_wrong_answers_naming_another_fact_of_the_dialogue_are_counted_apart(eng
     }
     report = evaluate_recall(scripted, [dialogue], progress=False).to_dict()
     assert report["wrong_answers"] == {"confused": {"wrong": 2, "another_fact": 1}, "right": {"wrong": 0, "another_fact": 0}}
+
+
+def test_recall_is_split_by_whether_the_fact_was_told_or_asked_in_a_new_phrasing(engines):
+    from types import SimpleNamespace
+
+    from rxt.data.dialogues import Dialogue, Turn, new_phrasing
+
+    assert new_phrasing("My town is Oslo.") and new_phrasing("Who is my sister?")
+    assert not new_phrasing("I live in Oslo.") and not new_phrasing("Where is my home?")
+
+    class Knows:  # the tiny RxT, answering right only when the fact was told in a training phrasing
+        def __init__(self, engine):
+            self.engine = engine
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+        def interact_batch(self, sessions, queries, sampling=None, remember=True):
+            return [SimpleNamespace(text="You live in Oslo." if q == "Where do I live?" else "No idea.")
+                    for q in queries]
+
+    ask = {"slot": "city", "value": "Oslo", "distance": 1}
+    dialogues = [Dialogue("seen", [Turn("I live in Oslo.", "Nice."), Turn("Where do I live?", "Oslo.", ask)]),
+                 Dialogue("told", [Turn("My town is Oslo.", "Nice."), Turn("Where do I live?", "Oslo.", ask)]),
+                 Dialogue("both", [Turn("My town is Oslo.", "Nice."),
+                                   Turn("What city did I say I live in?", "Oslo.", ask)])]
+    report = evaluate_recall({"rxt": Knows(engines["rxt"])}, dialogues, progress=False).to_dict()
+    assert report["questions_by_phrasing"] == {"both seen": 1, "told new": 1, "both new": 1}
+    assert report["by_phrasing"] == {"both seen": {"rxt": 1.0}, "told new": {"rxt": 1.0}, "both new": {"rxt": 0.0}}
+    trained = evaluate_recall({"rxt": Knows(engines["rxt"])}, dialogues[:1], progress=False).to_dict()
+    assert trained["by_phrasing"] == {}  # nothing new to tell apart
+    held = generate_dialogues(6, seed=3, split="heldout")
+    report = evaluate_recall({"rxt": engines["rxt"]}, held, max_new_tokens=2, progress=False).to_dict()
+    assert sum(report["questions_by_phrasing"].values()) == sum(1 for d in held for t in d.turns if t.check)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -331,6 +332,16 @@ def frame(rng: random.Random, template: str) -> str:
     if where != "open":
         template += rng.choice(CLOSERS)
     return template
+
+
+@functools.cache
+def _heldout_patterns() -> tuple[re.Pattern, ...]:
+    return tuple(re.compile(re.escape(t).replace(re.escape("{v}"), ".+")) for t in sorted(heldout_only_templates()))
+
+
+def new_phrasing(query: str) -> bool:
+    """Whether a query is in a phrasing that only the held-out split uses."""
+    return any(p.fullmatch(query) for p in _heldout_patterns())
 
 
 @dataclass

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rxt.data.dialogues import Dialogue, generate_dialogues
+from rxt.data.dialogues import Dialogue, generate_dialogues, new_phrasing
 from rxt.engine import ChatEngine
 from rxt.generation import SamplingConfig
 
@@ -39,6 +39,9 @@ class RecallReport:
     # the same by kind of fact ("city", "food", ...), for questions whose check names its slot
     slot_hits: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
     slot_asked: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # the same by phrasing: was the fact told, and is it asked, in a phrasing training never used?
+    phrasing_hits: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    phrasing_asked: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     # wrong answers that name the value of another fact asked in the same dialogue: the value was
     # kept, but bound to the wrong question
     confusions: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -61,6 +64,9 @@ class RecallReport:
     def slot_accuracy(self, model: str, slot: str) -> float:
         return self.slot_hits[model][slot] / self.slot_asked[slot] if self.slot_asked[slot] else float("nan")
 
+    def phrasing_accuracy(self, model: str, phrasing: str) -> float:
+        return self.phrasing_hits[model][phrasing] / self.phrasing_asked[phrasing]
+
     def perplexity(self, model: str) -> float:
         return (
             math.exp(self.nll[model] / self.scored_tokens[model])
@@ -76,11 +82,25 @@ class RecallReport:
             "overall": {m: self.accuracy(m) for m in models},
             "by_slot": {s: {m: self.slot_accuracy(m, s) for m in models} for s in sorted(self.slot_asked)},
             "questions_by_slot": {s: self.slot_asked[s] for s in sorted(self.slot_asked)},
+            # only where some phrasing is new (the synthetic held-out split)
+            "by_phrasing": {p: {m: self.phrasing_accuracy(m, p) for m in models} for p in PHRASINGS
+                            if self.phrasing_asked[p]} if set(self.phrasing_asked) - {PHRASINGS[0]} else {},
+            "questions_by_phrasing": {p: self.phrasing_asked[p] for p in PHRASINGS if self.phrasing_asked[p]},
             "perplexity": {m: self.perplexity(m) for m in models},
             "wrong_answers": {m: self.wrong(m) for m in models},
             "tokens_processed": dict(self.tokens_processed),
             "examples": self.examples[:20],
         }
+
+
+PHRASINGS = ("both seen", "told new", "asked new", "both new")
+
+
+def phrasing(dialogue: Dialogue, t: int) -> str:
+    """Whether the recall question on turn t, and the statement it asks about, use held-out phrasings."""
+    turn = dialogue.turns[t]
+    told = new_phrasing(dialogue.turns[t - turn.check["distance"]].query)
+    return PHRASINGS[told + 2 * new_phrasing(turn.query)]
 
 
 def is_correct(answer: str, value: str) -> bool:
@@ -101,9 +121,10 @@ def evaluate_recall(
     bar = tqdm(total=len(batches) * len(engines), desc="recall eval", disable=not progress)
     for batch in batches:
         for d in batch:
-            for turn in d.turns:
+            for t, turn in enumerate(d.turns):
                 if turn.check:
                     report.asked[turn.check["distance"]] += 1
+                    report.phrasing_asked[phrasing(d, t)] += 1
                     if "slot" in turn.check:
                         report.slot_asked[turn.check["slot"]] += 1
         for name, engine in engines.items():
@@ -123,6 +144,7 @@ def _run_batch(
         live, turns = [s for s, _ in active], [turn for _, turn in active]
         queries, answers = [x.query for x in turns], [x.answer for x in turns]
         asking = [(s, x) for s, x in active if x.check]
+        dialogue_of = {id(s): d for s, d in zip(sessions, batch, strict=True)}
         if asking:
             replies = engine.interact_batch(
                 [s for s, _ in asking], [x.query for _, x in asking], sampling, remember=False
@@ -132,6 +154,7 @@ def _run_batch(
                 report.hits[name][turn.check["distance"]] += right
                 others = asked_values[id(session)] - {turn.check["value"]}
                 report.confusions[name] += not right and any(is_correct(reply.text, v) for v in others)
+                report.phrasing_hits[name][phrasing(dialogue_of[id(session)], t)] += right
                 if "slot" in turn.check:
                     report.slot_hits[name][turn.check["slot"]] += right
                 if len(report.examples) < 200:
@@ -211,6 +234,10 @@ def print_table(report: RecallReport) -> None:
         print(f"\n{'fact':>12} {'n':>5} " + " ".join(f"{m:>13}" for m in models))
         for slot, row in data["by_slot"].items():
             print(f"{slot:>12} {data['questions_by_slot'][slot]:>5} " + " ".join(f"{row[m]:>13.1%}" for m in models))
+    if data["by_phrasing"]:  # "told new": the fact was stated in a phrasing training never used
+        print(f"\n{'phrasing':>12} {'n':>5} " + " ".join(f"{m:>13}" for m in models))
+        for kind, row in data["by_phrasing"].items():
+            print(f"{kind:>12} {data['questions_by_phrasing'][kind]:>5} " + " ".join(f"{row[m]:>13.1%}" for m in models))
 
 
 def plot(report: RecallReport, path: str) -> None:
