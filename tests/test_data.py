@@ -108,6 +108,8 @@ def test_jsonl_round_trip(tmp_path):
         ('{"id": "x", "turns": [{"query": "a", "answer": "b", "check": {"slot": "s", "value": "z", "distance": 1}}]}',
          "does not appear in the answer"),
         ('["a", "b"]', "expected a JSON object"),
+        ('{"id": "x", "turns": [{"query": "a", "answer": "b"}, {"query": "c", "answer": "z", "check": '
+         '{"slot": "s", "value": "z", "distance": 2}}]}', "turn 1: 'check.distance' must name an earlier turn (1..1"),
     ],
 )
 def test_malformed_jsonl_is_rejected_with_its_line(tmp_path, line, problem):

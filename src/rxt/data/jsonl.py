@@ -107,10 +107,10 @@ def _check_dialogue(record: Any) -> Iterator[str]:
         yield "'turns' is empty"
     else:
         for i, turn in enumerate(turns):
-            yield from (f"turn {i}: {issue}" for issue in _check_turn(turn))
+            yield from (f"turn {i}: {issue}" for issue in _check_turn(turn, i))
 
 
-def _check_turn(turn: Any) -> Iterator[str]:
+def _check_turn(turn: Any, index: int) -> Iterator[str]:
     if not isinstance(turn, dict):
         yield f"expected an object, got {type(turn).__name__}"
         return
@@ -126,10 +126,10 @@ def _check_turn(turn: Any) -> Iterator[str]:
         yield "'query' is empty"
     check = turn.get("check")
     if check is not None:
-        yield from _check_check(check, turn.get("answer"))
+        yield from _check_check(check, turn.get("answer"), index)
 
 
-def _check_check(check: Any, answer: Any) -> Iterator[str]:
+def _check_check(check: Any, answer: Any, index: int) -> Iterator[str]:
     if not isinstance(check, dict):
         yield f"'check' must be an object, got {type(check).__name__}"
         return
@@ -140,6 +140,9 @@ def _check_check(check: Any, answer: Any) -> Iterator[str]:
             yield f"'check.{key}' must be {kind.__name__}, got {type(check[key]).__name__}"
     if isinstance(check.get("value"), str) and isinstance(answer, str) and check["value"] not in answer:
         yield f"'check.value' {check['value']!r} does not appear in the answer"
+    distance = check.get("distance")
+    if isinstance(distance, int) and not isinstance(distance, bool) and not 1 <= distance <= index:
+        yield f"'check.distance' must name an earlier turn (1..{index} on turn {index}), got {distance}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
