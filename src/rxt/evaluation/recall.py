@@ -67,6 +67,13 @@ class RecallReport:
     def phrasing_accuracy(self, model: str, phrasing: str) -> float:
         return self.phrasing_hits[model][phrasing] / self.phrasing_asked[phrasing]
 
+    def _by_phrasing(self, models: list[str]) -> dict[str, dict[str, float]]:
+        """Accuracy by phrasing, only where some phrasing is new (the synthetic held-out split)."""
+        asked = [p for p in PHRASINGS if self.phrasing_asked[p]]
+        if asked in ([], [PHRASINGS[0]]):
+            return {}
+        return {p: {m: self.phrasing_accuracy(m, p) for m in models} for p in asked}
+
     def perplexity(self, model: str) -> float:
         return (
             math.exp(self.nll[model] / self.scored_tokens[model])
@@ -82,9 +89,7 @@ class RecallReport:
             "overall": {m: self.accuracy(m) for m in models},
             "by_slot": {s: {m: self.slot_accuracy(m, s) for m in models} for s in sorted(self.slot_asked)},
             "questions_by_slot": {s: self.slot_asked[s] for s in sorted(self.slot_asked)},
-            # only where some phrasing is new (the synthetic held-out split)
-            "by_phrasing": {p: {m: self.phrasing_accuracy(m, p) for m in models} for p in PHRASINGS
-                            if self.phrasing_asked[p]} if set(self.phrasing_asked) - {PHRASINGS[0]} else {},
+            "by_phrasing": self._by_phrasing(models),
             "questions_by_phrasing": {p: self.phrasing_asked[p] for p in PHRASINGS if self.phrasing_asked[p]},
             "perplexity": {m: self.perplexity(m) for m in models},
             "wrong_answers": {m: self.wrong(m) for m in models},
@@ -139,12 +144,12 @@ def _run_batch(
 ) -> None:
     sessions = [engine.new_session() for _ in batch]
     asked_values = {id(s): {x.check["value"] for x in d.turns if x.check} for s, d in zip(sessions, batch, strict=True)}
+    dialogue_of = {id(s): d for s, d in zip(sessions, batch, strict=True)}
     for t in range(max(len(d.turns) for d in batch)):
         active = [(s, d.turns[t]) for s, d in zip(sessions, batch, strict=True) if t < len(d.turns)]
         live, turns = [s for s, _ in active], [turn for _, turn in active]
         queries, answers = [x.query for x in turns], [x.answer for x in turns]
         asking = [(s, x) for s, x in active if x.check]
-        dialogue_of = {id(s): d for s, d in zip(sessions, batch, strict=True)}
         if asking:
             replies = engine.interact_batch(
                 [s for s, _ in asking], [x.query for _, x in asking], sampling, remember=False
