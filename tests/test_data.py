@@ -237,6 +237,49 @@ def test_frames_wrap_training_queries_and_keep_everything_else():
         DialogueGenerator(0, "train", frames=1.5)
 
 
+def test_paraphrases_tell_facts_in_training_only_phrasings():
+    from rxt.data.dialogues import PARAPHRASES, SMALL_TALK, split_templates
+
+    assert DialogueGenerator(0, "train", paraphrases=0.0).take(50) == DialogueGenerator(0, "train").take(50)
+    assert set(PARAPHRASES) == {f.slot for f in FACTS}
+    heldout = heldout_only_templates()
+    for f in FACTS:
+        assert not set(PARAPHRASES[f.slot]) & (heldout | set(f.statements))  # new, and never a held-out one
+    def capture(template: str) -> re.Pattern:
+        return re.compile("^" + re.escape(template).replace(re.escape("{v}"), "(.+)") + "$")
+
+    paraphrased = {f.slot: [capture(t) for t in PARAPHRASES[f.slot]] for f in FACTS}
+    updates = {f.slot: [capture(t) for t in split_templates(f.updates, "train")] for f in FACTS}
+    others = [_pattern(t) for f in FACTS for t in split_templates(f.questions, "train")]
+    others += [_pattern(q) for q, _ in SMALL_TALK if not q.startswith("*")]
+    seen: set[str] = set()
+    for d in DialogueGenerator(0, "train", paraphrases=1.0).take(200):
+        told: dict[str, str] = {}
+        for turn in d.turns:
+            assert turn.check or any(p.match(turn.query) for ps in [others, *paraphrased.values(), *updates.values()]
+                                     for p in ps), turn.query  # a statement in a base phrasing: not paraphrased
+            for f in FACTS:  # every statement is a paraphrase of its fact, every update an update
+                for p in paraphrased[f.slot] + updates[f.slot]:
+                    m = p.match(turn.query)
+                    if m:
+                        told[f.slot] = m.group(1)
+                        seen.add(p.pattern)
+            if turn.check:  # and the answer is the value told last
+                assert told[turn.check["slot"]] == turn.check["value"] and turn.check["value"] in turn.answer
+    assert len(seen & {p.pattern for ps in paraphrased.values() for p in ps}) > 60  # most of the 70 were drawn
+    assert seen & {p.pattern for ps in updates.values() for p in ps}  # and updates keep their own phrasings
+    some = [t.query for d in DialogueGenerator(0, "train", paraphrases=0.5).take(400) for t in d.turns]
+    told = [q for q in some if any(p.match(q) for f in FACTS for p in [_pattern(t) for t in f.statements
+                                                                          if not t.startswith("*")])]
+    new = [q for q in some if any(p.match(q) for ps in paraphrased.values() for p in ps)]
+    assert 0.4 < len(new) / (len(new) + len(told)) < 0.6
+    assert DialogueGenerator(0, "train", paraphrases=0.5).shorter(4).paraphrases == 0.5
+    with pytest.raises(ValueError, match="paraphrases"):
+        DialogueGenerator(0, "heldout", paraphrases=0.5)  # held-out phrasings stay what they are
+    with pytest.raises(ValueError, match="paraphrases"):
+        DialogueGenerator(0, "train", paraphrases=-0.5)
+
+
 @pytest.mark.parametrize("split, share", [("heldout", 0.5), ("train", 1.5), ("train", -0.1)])
 def test_fresh_values_reject_bad_settings(split, share):
     with pytest.raises(ValueError, match="fresh_values"):

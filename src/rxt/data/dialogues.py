@@ -186,6 +186,38 @@ FACTS = (
 )
 FACTS_BY_SLOT = {fact.slot: fact for fact in FACTS}
 
+# More ways to state each fact, for training only (``paraphrases=p``: a share p of the statements is
+# drawn from these). They widen the phrasings a model learns to read a fact from, value-first ones
+# included where the value is capitalised or a number; none is a held-out template, nor uses the words
+# that make those new ("town", "puppy", "dinner", "really into", "little", "for years").
+PARAPHRASES = {
+    "user_name": ("{v} is my name.", "{v} here.", "The name's {v}.", "I go by {v}.", "Everyone knows me as {v}.",
+                  "My first name is {v}.", "Hello, {v} speaking.", "Please call me {v}."),
+    "pet_name": ("{v} is my dog.", "{v} is the name of my cat.", "We have a pet called {v}.", "Our cat is {v}.",
+                 "My rabbit's name is {v}.", "I own a parrot called {v}.", "My kitten is named {v}.",
+                 "I walk my dog {v} every morning."),
+    "city": ("{v} is where I live.", "{v} is my home.", "My home city is {v}.", "I am based in {v}.",
+             "These days I call {v} home.", "My address is in {v}.", "I grew up in {v} and still live there.",
+             "I have lived in {v} all my life."),
+    "colour": ("I always pick {v}.", "My favourite shade is {v}.", "Everything I own is {v}.",
+               "If I had to choose one colour, it would be {v}.", "I paint everything {v}.",
+               "My favourite colour? Definitely {v}.", "I wear {v} all the time."),
+    "food": ("I eat {v} whenever I can.", "My favourite meal is {v}.", "I never get tired of {v}.",
+             "I would eat {v} for every meal.", "My favourite dish is {v}.", "I am a huge fan of {v}.",
+             "Give me {v} any day."),
+    "age": ("{v} is my age.", "I'm {v} years old.", "I was born {v} years ago.", "I have been alive for {v} years.",
+            "My age? {v}.", "Last birthday I turned {v}."),
+    "job": ("I'm a {v}.", "My job is {v}.", "By profession I am a {v}.", "My work? I'm a {v}.",
+            "I have worked as a {v} for a while.", "My profession is {v}.", "For work I am a {v}."),
+    "sister_name": ("{v} is my sister.", "{v} is my sister's name.", "I have a sister, her name is {v}.",
+                    "My only sister is {v}.", "My sister {v} lives nearby.", "My sister goes by {v}."),
+    "friend_name": ("{v} is my best friend.", "My closest friend is {v}.", "My best mate is {v}.",
+                    "{v} is the friend I trust most.", "I spend weekends with my best friend, {v}.",
+                    "My best friend's name is {v}."),
+    "sport": ("I'm a big fan of {v}.", "I do {v} in my free time.", "I enjoy playing {v}.", "My sport is {v}.",
+              "Every Sunday I play {v}.", "I never miss a game of {v}.", "My favourite game is {v}."),
+}
+
 # Small talk: (query, possible answers). Queries marked * appear only in the held-out split.
 SMALL_TALK = (
     ("How are you today?", ("I am fine, thank you.", "Very well, thanks for asking.")),
@@ -372,6 +404,7 @@ class DialogueGenerator:
         fresh_words: str = "syllables",
         values: str | None = None,
         frames: float = 0.0,
+        paraphrases: float = 0.0,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -393,6 +426,9 @@ class DialogueGenerator:
         if not 0.0 <= frames <= 1.0 or (frames and split != "train"):
             raise ValueError(f"frames is a probability for the train split, got {frames} for {split!r}")
         self.frames = frames
+        if not 0.0 <= paraphrases <= 1.0 or (paraphrases and split != "train"):
+            raise ValueError(f"paraphrases is a probability for the train split, got {paraphrases} for {split!r}")
+        self.paraphrases = paraphrases
         self.values = values or split  # which pools the values come from: the split's own unless told
         self.pools = {name: split_pool(pool, self.values) for name, pool in POOLS.items()}
         self.small_talk = [(q.lstrip("*"), a) for q, a in SMALL_TALK if split == "heldout" or q[0] != "*"]
@@ -416,7 +452,7 @@ class DialogueGenerator:
         """The same kind of dialogues, at most ``max_turns`` long (recall distances < max_turns)."""
         return DialogueGenerator(self.seed, self.split, min(self.min_turns, max_turns), max_turns, max_turns - 1,
                                  self.facts_per_dialogue, self.update_prob, self.fresh_values, self.fresh_words,
-                                 self.values, self.frames)
+                                 self.values, self.frames, self.paraphrases)
 
     def _plan(self, rng: random.Random, n_turns: int) -> dict[int, _Event]:
         """Place (state, [update], ask) triples on distinct turns; distances uniform in 1..max_distance."""
@@ -458,8 +494,11 @@ class DialogueGenerator:
             return Turn(query, answer, {"slot": fact.slot, "value": value, "distance": event.distance})
         value = self._value(rng, fact, used)
         values[fact.slot] = value
-        templates = fact.statements if event.kind == "state" else fact.updates
-        query = self._framed(rng, rng.choice(split_templates(templates, self.split))).format(v=value)
+        templates = split_templates(fact.statements if event.kind == "state" else fact.updates, self.split)
+        # no draw at all without paraphrases: dialogues stay exactly what they were
+        if event.kind == "state" and self.paraphrases and rng.random() < self.paraphrases:
+            templates = PARAPHRASES[fact.slot]
+        query = self._framed(rng, rng.choice(templates)).format(v=value)
         answer = _capitalise(rng.choice(fact.acks).format(v=value))
         return Turn(query, answer)
 
