@@ -191,9 +191,10 @@ def test_wrong_answers_naming_another_fact_of_the_dialogue_are_counted_apart(eng
 def test_recall_is_split_by_whether_the_fact_was_told_or_asked_in_a_new_phrasing(engines):
     from types import SimpleNamespace
 
-    from rxt.data.dialogues import Dialogue, Turn, new_phrasing
+    from rxt.data.dialogues import Dialogue, Turn, new_phrasing, new_template
 
     assert new_phrasing("My town is Oslo.") and new_phrasing("Who is my sister?")
+    assert new_template("Bo is my little sister.") == "{v} is my little sister." and not new_template("I live in Oslo.")
     assert not new_phrasing("I live in Oslo.") and not new_phrasing("Where is my home?")
 
     class Knows:  # the tiny RxT, answering right only when the fact was told in a training phrasing
@@ -215,8 +216,10 @@ def test_recall_is_split_by_whether_the_fact_was_told_or_asked_in_a_new_phrasing
     report = evaluate_recall({"rxt": Knows(engines["rxt"])}, dialogues, progress=False).to_dict()
     assert report["questions_by_phrasing"] == {"both seen": 1, "told new": 1, "both new": 1}
     assert report["by_phrasing"] == {"both seen": {"rxt": 1.0}, "told new": {"rxt": 1.0}, "both new": {"rxt": 0.0}}
+    assert report["by_new_statement"] == {"My town is {v}.": {"rxt": 0.5}}  # told in it twice, right once
+    assert report["questions_by_new_statement"] == {"My town is {v}.": 2}
     trained = evaluate_recall({"rxt": Knows(engines["rxt"])}, dialogues[:1], progress=False).to_dict()
-    assert trained["by_phrasing"] == {}  # nothing new to tell apart
+    assert trained["by_phrasing"] == {} == trained["by_new_statement"]  # nothing new to tell apart
     held = generate_dialogues(6, seed=3, split="heldout")
     report = evaluate_recall({"rxt": engines["rxt"]}, held, max_new_tokens=2, progress=False).to_dict()
     assert sum(report["questions_by_phrasing"].values()) == sum(1 for d in held for t in d.turns if t.check)

@@ -367,13 +367,18 @@ def frame(rng: random.Random, template: str) -> str:
 
 
 @functools.cache
-def _heldout_patterns() -> tuple[re.Pattern, ...]:
-    return tuple(re.compile(re.escape(t).replace(re.escape("{v}"), ".+")) for t in sorted(heldout_only_templates()))
+def _heldout_patterns() -> dict[str, re.Pattern]:
+    return {t: re.compile(re.escape(t).replace(re.escape("{v}"), ".+")) for t in sorted(heldout_only_templates())}
+
+
+def new_template(query: str) -> str | None:
+    """The template of a phrasing that only the held-out split uses ("My town is {v}."), else None."""
+    return next((t for t, p in _heldout_patterns().items() if p.fullmatch(query)), None)
 
 
 def new_phrasing(query: str) -> bool:
     """Whether a query is in a phrasing that only the held-out split uses."""
-    return any(p.fullmatch(query) for p in _heldout_patterns())
+    return new_template(query) is not None
 
 
 @dataclass

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rxt.data.dialogues import Dialogue, generate_dialogues, new_phrasing
+from rxt.data.dialogues import Dialogue, generate_dialogues, new_phrasing, new_template
 from rxt.engine import ChatEngine
 from rxt.generation import SamplingConfig
 
@@ -36,12 +36,10 @@ log = logging.getLogger(__name__)
 class RecallReport:
     hits: dict[str, dict[int, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
     asked: dict[int, int] = field(default_factory=lambda: defaultdict(int))
-    # the same by kind of fact ("city", "food", ...), for questions whose check names its slot
-    slot_hits: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
-    slot_asked: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    # the same by phrasing: was the fact told, and is it asked, in a phrasing training never used?
-    phrasing_hits: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
-    phrasing_asked: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # the same by group (see groups()): model -> group -> key -> hits, and group -> key -> questions
+    group_hits: dict[str, dict[str, dict[str, int]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(int))))
+    group_asked: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
     # wrong answers that name the value of another fact asked in the same dialogue: the value was
     # kept, but bound to the wrong question
     confusions: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -61,18 +59,21 @@ class RecallReport:
         wrong = sum(self.asked.values()) - sum(self.hits[model].values())
         return {"wrong": wrong, "another_fact": self.confusions[model]}
 
-    def slot_accuracy(self, model: str, slot: str) -> float:
-        return self.slot_hits[model][slot] / self.slot_asked[slot] if self.slot_asked[slot] else float("nan")
+    def group_accuracy(self, model: str, group: str, key: str) -> float:
+        asked = self.group_asked[group][key]
+        return self.group_hits[model][group][key] / asked if asked else float("nan")
 
-    def phrasing_accuracy(self, model: str, phrasing: str) -> float:
-        return self.phrasing_hits[model][phrasing] / self.phrasing_asked[phrasing]
-
-    def _by_phrasing(self, models: list[str]) -> dict[str, dict[str, float]]:
-        """Accuracy by phrasing, only where some phrasing is new (the synthetic held-out split)."""
-        asked = [p for p in PHRASINGS if self.phrasing_asked[p]]
-        if asked in ([], [PHRASINGS[0]]):
+    def by_group(self, group: str, models: list[str]) -> dict[str, dict[str, float]]:
+        """Accuracy per key of a group; by phrasing only where some phrasing is new (the synthetic
+        held-out split), since all would be "both seen" otherwise."""
+        keys = list(self.group_asked[group])
+        keys = [p for p in PHRASINGS if p in keys] if group == "phrasing" else sorted(keys)
+        if group == "phrasing" and keys in ([], [PHRASINGS[0]]):
             return {}
-        return {p: {m: self.phrasing_accuracy(m, p) for m in models} for p in asked}
+        return {k: {m: self.group_accuracy(m, group, k) for m in models} for k in keys}
+
+    def questions(self, group: str) -> dict[str, int]:
+        return {k: self.group_asked[group][k] for k in self.by_group(group, [])}
 
     def perplexity(self, model: str) -> float:
         return (
@@ -87,10 +88,12 @@ class RecallReport:
             "by_distance": {d: {m: self.accuracy(m, d) for m in models} for d in sorted(self.asked)},
             "questions_by_distance": {d: self.asked[d] for d in sorted(self.asked)},
             "overall": {m: self.accuracy(m) for m in models},
-            "by_slot": {s: {m: self.slot_accuracy(m, s) for m in models} for s in sorted(self.slot_asked)},
-            "questions_by_slot": {s: self.slot_asked[s] for s in sorted(self.slot_asked)},
-            "by_phrasing": self._by_phrasing(models),
-            "questions_by_phrasing": {p: self.phrasing_asked[p] for p in PHRASINGS if self.phrasing_asked[p]},
+            "by_slot": self.by_group("slot", models),
+            "questions_by_slot": self.questions("slot"),
+            "by_phrasing": self.by_group("phrasing", models),
+            "questions_by_phrasing": self.questions("phrasing"),
+            "by_new_statement": self.by_group("new_statement", models),
+            "questions_by_new_statement": self.questions("new_statement"),
             "perplexity": {m: self.perplexity(m) for m in models},
             "wrong_answers": {m: self.wrong(m) for m in models},
             "tokens_processed": dict(self.tokens_processed),
@@ -101,11 +104,18 @@ class RecallReport:
 PHRASINGS = ("both seen", "told new", "asked new", "both new")
 
 
-def phrasing(dialogue: Dialogue, t: int) -> str:
-    """Whether the recall question on turn t, and the statement it asks about, use held-out phrasings."""
+def groups(dialogue: Dialogue, t: int) -> dict[str, str]:
+    """The groups the recall question on turn t counts in: "slot", the kind of fact ("city"), when its
+    check names one; "phrasing" (PHRASINGS), whether it and the statement it asks about use held-out
+    phrasings; and "new_statement", the held-out template that statement used, if it used one."""
     turn = dialogue.turns[t]
-    told = new_phrasing(dialogue.turns[t - turn.check["distance"]].query)
-    return PHRASINGS[told + 2 * new_phrasing(turn.query)]
+    told = dialogue.turns[t - turn.check["distance"]].query
+    keys = {"phrasing": PHRASINGS[new_phrasing(told) + 2 * new_phrasing(turn.query)]}
+    if "slot" in turn.check:
+        keys["slot"] = turn.check["slot"]
+    if template := new_template(told):
+        keys["new_statement"] = template
+    return keys
 
 
 def is_correct(answer: str, value: str) -> bool:
@@ -129,9 +139,8 @@ def evaluate_recall(
             for t, turn in enumerate(d.turns):
                 if turn.check:
                     report.asked[turn.check["distance"]] += 1
-                    report.phrasing_asked[phrasing(d, t)] += 1
-                    if "slot" in turn.check:
-                        report.slot_asked[turn.check["slot"]] += 1
+                    for group, key in groups(d, t).items():
+                        report.group_asked[group][key] += 1
         for name, engine in engines.items():
             _run_batch(name, engine, batch, sampling, report)
             bar.update()
@@ -159,9 +168,8 @@ def _run_batch(
                 report.hits[name][turn.check["distance"]] += right
                 others = asked_values[id(session)] - {turn.check["value"]}
                 report.confusions[name] += not right and any(is_correct(reply.text, v) for v in others)
-                report.phrasing_hits[name][phrasing(dialogue_of[id(session)], t)] += right
-                if "slot" in turn.check:
-                    report.slot_hits[name][turn.check["slot"]] += right
+                for group, key in groups(dialogue_of[id(session)], t).items():
+                    report.group_hits[name][group][key] += right
                 if len(report.examples) < 200:
                     report.examples.append(
                         {
@@ -235,14 +243,14 @@ def print_table(report: RecallReport) -> None:
     print(f"{'tokens':>14} " + " ".join(f"{data['tokens_processed'][m]:>13,}" for m in models))
     print(f"{'wrong':>14} " + " ".join(f"{data['wrong_answers'][m]['wrong']:>13}" for m in models))
     print(f"{'another fact':>14} " + " ".join(f"{data['wrong_answers'][m]['another_fact']:>13}" for m in models))
-    if data["by_slot"]:
-        print(f"\n{'fact':>12} {'n':>5} " + " ".join(f"{m:>13}" for m in models))
-        for slot, row in data["by_slot"].items():
-            print(f"{slot:>12} {data['questions_by_slot'][slot]:>5} " + " ".join(f"{row[m]:>13.1%}" for m in models))
-    if data["by_phrasing"]:  # "told new": the fact was stated in a phrasing training never used
-        print(f"\n{'phrasing':>12} {'n':>5} " + " ".join(f"{m:>13}" for m in models))
-        for kind, row in data["by_phrasing"].items():
-            print(f"{kind:>12} {data['questions_by_phrasing'][kind]:>5} " + " ".join(f"{row[m]:>13.1%}" for m in models))
+    # "told new": the fact was stated in a phrasing training never used; "told in": which one
+    for group, title, width in (("slot", "fact", ">12"), ("phrasing", "phrasing", ">12"),
+                                ("new_statement", "told in", "<40")):
+        if data[f"by_{group}"]:
+            print(f"\n{title:{width}} {'n':>5} " + " ".join(f"{m:>13}" for m in models))
+            for key, row in data[f"by_{group}"].items():
+                print(f"{key:{width}} {data[f'questions_by_{group}'][key]:>5} "
+                      + " ".join(f"{row[m]:>13.1%}" for m in models))
 
 
 def plot(report: RecallReport, path: str) -> None:

@@ -23,5 +23,5 @@ def quick_recall(model: ReactiveTransformer, tokenizer: Tokenizer, dialogues: li
         examples.extend(report.examples)
     counts = dict(sorted(report.asked.items()))
     return {"overall": report.accuracy("rxt"), "by_distance": {d: report.accuracy("rxt", d) for d in counts},
-            "by_slot": {s: report.slot_accuracy("rxt", s) for s in sorted(report.slot_asked)},
+            "by_slot": {s: row["rxt"] for s, row in report.by_group("slot", ["rxt"]).items()},
             "counts": counts, "n": sum(counts.values())}
