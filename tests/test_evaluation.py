@@ -7,7 +7,8 @@ import torch
 
 from rxt import ModelConfig, ReactiveTransformer, StatelessLM
 from rxt.baselines import StatelessEngine
-from rxt.data.dialogues import generate_dialogues
+from rxt.data.dialogues import Dialogue, Turn, generate_dialogues
+from rxt.data.jsonl import write_dialogues
 from rxt.engine import ReactiveEngine
 from rxt.evaluation.recall import evaluate_recall, is_correct
 from rxt.tokenizer import Tokenizer
@@ -113,6 +114,15 @@ def test_eval_cli_makes_dialogues_of_the_length_asked_for(engines, tmp_path, cap
     assert len(report["examples"]) == 5
     assert main(argv[:4] + ["--turns", "5", "3"]) == 2
     assert "min_turns <= max_turns" in capsys.readouterr().err
+    for option in ("--dialogues", "--batch-size"):
+        assert main(argv[:4] + [option, "0"]) == 2
+        assert f"{option} must be >= 1, got 0" in capsys.readouterr().err
+    assert main(argv[:4] + ["--threads", "-1"]) == 2
+    assert "--threads must be >= 0" in capsys.readouterr().err
+    chat = tmp_path / "chat.jsonl"  # dialogues without a recall question: nothing to score
+    write_dialogues(chat, [Dialogue("a", [Turn("Hi!", "Hello."), Turn("How are you?", "Fine.")])])
+    assert main(argv[:4] + ["--data", str(chat)]) == 2
+    assert "no turn asks a recall question" in capsys.readouterr().err
 
 
 def test_gate_statistics_tell_content_blind_gates_from_content_gates(engines):

@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rxt: this command needs the package {args._missing!r}, which is not installed", file=sys.stderr)
         return 2
     try:
+        if getattr(args, "threads", None) is not None and args.threads < 0:  # every command's --threads
+            raise ValueError(f"--threads must be >= 0 (0 = leave as is), got {args.threads}")
         return importlib.import_module(args._module).run(args) or 0
     except (ValueError, OSError) as error:  # bad input: a clear line, not a traceback (-v shows it)
         if args.verbose:

@@ -314,6 +314,9 @@ def value_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    for option in ("dialogues", "batch_size"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.data:
@@ -326,6 +329,9 @@ def run(args: argparse.Namespace) -> int:
         low, high = args.turns
         dialogues = generate_dialogues(args.dialogues, seed=args.seed, split=args.split, min_turns=low,
                                        max_turns=high, **value_options(args))
+    if not any(turn.check for d in dialogues for turn in d.turns):
+        raise ValueError(f"{args.data or 'these dialogues'}: no turn asks a recall question (a 'check' field); "
+                         "nothing to measure")
     engines = build_engines(args.model, args.baseline, args.device)
     report = evaluate_recall(engines, dialogues, args.batch_size, args.max_new_tokens)
     print_table(report)
