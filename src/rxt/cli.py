@@ -57,6 +57,17 @@ def _add_arguments(parser: argparse.ArgumentParser, module: str) -> None:
         parser.set_defaults(_missing=error.name or module)
 
 
+# The least each count option takes, for every command that has it (threads: 0 leaves torch's setting).
+LEAST = {"threads": 0, "dialogues": 1, "batch_size": 1}
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    for option, least in LEAST.items():
+        value = getattr(args, option, None)
+        if value is not None and value < least:
+            raise ValueError(f"--{option.replace('_', '-')} must be >= {least}, got {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
     args, unknown = parser.parse_known_args(argv)
@@ -67,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rxt: this command needs the package {args._missing!r}, which is not installed", file=sys.stderr)
         return 2
     try:
-        if getattr(args, "threads", None) is not None and args.threads < 0:  # every command's --threads
-            raise ValueError(f"--threads must be >= 0 (0 = leave as is), got {args.threads}")
+        _check_counts(args)
         return importlib.import_module(args._module).run(args) or 0
     except (ValueError, OSError) as error:  # bad input: a clear line, not a traceback (-v shows it)
         if args.verbose:

@@ -96,8 +96,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.dialogues < 1:
-        raise ValueError(f"--dialogues must be >= 1, got {args.dialogues}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = ReactiveTransformer.from_pretrained(args.model)

@@ -314,9 +314,6 @@ def value_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    for option in ("dialogues", "batch_size"):
-        if getattr(args, option) < 1:
-            raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.data:
