@@ -1,4 +1,5 @@
 import json
+import random
 import re
 
 import pytest
@@ -235,6 +236,39 @@ def test_frames_wrap_training_queries_and_keep_everything_else():
         DialogueGenerator(0, "heldout", frames=0.3)  # held-out phrasings stay what they are
     with pytest.raises(ValueError, match="frames"):
         DialogueGenerator(0, "train", frames=1.5)
+
+
+def test_distractors_put_one_unknown_word_in_a_statement_never_next_to_the_value():
+    from rxt.data.dialogues import PARAPHRASES, SMALL_TALK, distract, split_templates
+
+    assert DialogueGenerator(0, "train", distractors=0.0).take(50) == DialogueGenerator(0, "train").take(50)
+    statements = {t for f in FACTS for t in split_templates(f.statements + f.updates, "train") + list(PARAPHRASES[f.slot])}
+    heldout_words = {w.lower() for t in heldout_only_templates() for w in re.findall(r"[A-Za-z']+", t)}
+    rng = random.Random(0)
+    for template in sorted(statements):
+        for _ in range(5):
+            out = distract(rng, template)
+            words, base = out.split(" "), template.split(" ")
+            if out == template:  # only where every gap touches the value ("{v} here.")
+                assert all("{v}" in base[k - 1] or "{v}" in base[k] for k in range(1, len(base)))
+                continue
+            assert len(words) == len(base) + 1
+            k = next(i for i, (a, b) in enumerate(zip(words, base + [""], strict=True)) if a != b)
+            assert words[:k] + words[k + 1:] == base and 0 < k < len(base)  # between two words
+            assert "{v}" not in words[k - 1] + words[k + 1]  # never next to the value
+            assert words[k].isalpha() and words[k].islower() and words[k] not in heldout_words
+    plain = [_pattern(t) for t in statements]
+    others = [_pattern(t) for f in FACTS for t in split_templates(f.questions, "train")]
+    others += [_pattern(q) for q, _ in SMALL_TALK if not q.startswith("*")]
+    queries = [t.query for d in DialogueGenerator(0, "train", distractors=1.0).take(100) for t in d.turns]
+    said = [q for q in queries if not any(p.match(q) for p in others)]  # the statements
+    as_templated = sum(any(p.match(q) for p in plain) for q in said)
+    assert len(said) > 100 and as_templated < 0.15 * len(said)  # all but the gapless ones carry a distractor
+    with pytest.raises(ValueError, match="distractors"):
+        DialogueGenerator(0, "heldout", distractors=0.5)  # held-out phrasings stay what they are
+    with pytest.raises(ValueError, match="distractors"):
+        DialogueGenerator(0, "train", distractors=2.0)
+    assert DialogueGenerator(0, "train", distractors=0.4).shorter(4).distractors == 0.4
 
 
 def test_paraphrases_tell_facts_in_training_only_phrasings():

@@ -313,6 +313,8 @@ def test_training_on_your_own_jsonl_dialogues(tmp_path, monkeypatch):
     ({"train_file": "RECIPE", "frames": 0.3}, "frames"),
     ({"paraphrases": 1.5}, "paraphrases"),
     ({"train_file": "RECIPE", "paraphrases": 0.3}, "paraphrases"),
+    ({"distractors": -0.1}, "distractors"),
+    ({"train_file": "RECIPE", "distractors": 0.3}, "distractors"),
     ({"recall_weight": 0}, "recall_weight"),
     ({"facts_per_dialogue": [5, 3]}, "facts_per_dialogue"),
     ({"facts_per_dialogue": [2, 11]}, "facts_per_dialogue"),
@@ -327,10 +329,12 @@ def test_recipe_rejects_bad_data_files(tmp_path, data, message):
 
 def test_facts_per_dialogue_and_paraphrases_reach_the_training_dialogues_only(tmp_path, tokenizer_dir):
     shutil.copytree(tokenizer_dir, tmp_path / "tokenizer")
-    recipe = load_recipe(tiny_recipe_file(tmp_path, {"facts_per_dialogue": [4, 4], "paraphrases": 0.5}))
+    recipe = load_recipe(tiny_recipe_file(tmp_path, {"facts_per_dialogue": [4, 4], "paraphrases": 0.5,
+                                                     "distractors": 0.4}))
     run = RecipeRun(recipe, tmp_path, resume=True, progress=False)
     assert run.train_dialogues.facts_per_dialogue == (4, 4) and run.heldout_dialogues.facts_per_dialogue == (2, 5)
     assert run.train_dialogues.paraphrases == 0.5 and run.heldout_dialogues.paraphrases == 0
+    assert run.train_dialogues.distractors == 0.4 and run.heldout_dialogues.distractors == 0
 
 
 def test_malformed_training_file_names_the_line(tmp_path, capsys):

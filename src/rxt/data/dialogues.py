@@ -21,7 +21,9 @@ package's list, held-out values excluded), so copying also meets the sub-word se
 words; ``"all"`` draws each of the three kinds a third of the time. With ``frames=p`` a share p of
 the training queries is wrapped in a frame ("By the way, my name is Ann.", "Who am I? Just curious."),
 so that a model meets each fact in more than its few bare templates and has to find the fact in
-words around it, as in a phrasing it never saw.
+words around it, as in a phrasing it never saw. With ``distractors=p`` a share p of the training
+statements carries one invented word that is not the value ("My pet vobrin is Rex."): a phrasing it
+never saw has words the model does not know, and their sub-words must not leak into the value it recalls.
 
 Generation is deterministic and random-access: dialogue ``i`` of (seed, split) is always the same.
 """
@@ -219,6 +221,25 @@ def frame(rng: random.Random, template: str) -> str:
     return template
 
 
+def distract(rng: random.Random, template: str) -> str:
+    """Insert one invented lower-case word between two words of a statement template, never next to the
+    value ("My pet is {v}." -> "My pet vobrin is {v}."); a template with no such gap stays as it is."""
+    words = template.split(" ")
+    gaps = [k for k in range(1, len(words)) if "{v}" not in words[k - 1] and "{v}" not in words[k]]
+    if not gaps:
+        return template
+    while (word := fresh_value(rng, "mixed", lowercase=True)) in _heldout_template_words():
+        pass
+    k = rng.choice(gaps)
+    return " ".join(words[:k] + [word] + words[k:])
+
+
+@functools.cache
+def _heldout_template_words() -> frozenset[str]:
+    """Words of the held-out phrasings: a distractor is never one of them."""
+    return frozenset(w.lower() for t in heldout_only_templates() for w in re.findall(r"[A-Za-z']+", t))
+
+
 @functools.cache
 def _heldout_patterns() -> dict[str, re.Pattern]:
     return {t: re.compile(re.escape(t).replace(re.escape("{v}"), ".+")) for t in sorted(heldout_only_templates())}
@@ -263,6 +284,7 @@ class DialogueGenerator:
         values: str | None = None,
         frames: float = 0.0,
         paraphrases: float = 0.0,
+        distractors: float = 0.0,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -287,6 +309,9 @@ class DialogueGenerator:
         if not 0.0 <= paraphrases <= 1.0 or (paraphrases and split != "train"):
             raise ValueError(f"paraphrases is a probability for the train split, got {paraphrases} for {split!r}")
         self.paraphrases = paraphrases
+        if not 0.0 <= distractors <= 1.0 or (distractors and split != "train"):
+            raise ValueError(f"distractors is a probability for the train split, got {distractors} for {split!r}")
+        self.distractors = distractors
         self.values = values or split  # which pools the values come from: the split's own unless told
         self.pools = {name: split_pool(pool, self.values) for name, pool in POOLS.items()}
         self.small_talk = [(q.lstrip("*"), a) for q, a in SMALL_TALK if split == "heldout" or q[0] != "*"]
@@ -310,7 +335,7 @@ class DialogueGenerator:
         """The same kind of dialogues, at most ``max_turns`` long (recall distances < max_turns)."""
         return DialogueGenerator(self.seed, self.split, min(self.min_turns, max_turns), max_turns, max_turns - 1,
                                  self.facts_per_dialogue, self.update_prob, self.fresh_values, self.fresh_words,
-                                 self.values, self.frames, self.paraphrases)
+                                 self.values, self.frames, self.paraphrases, self.distractors)
 
     def _plan(self, rng: random.Random, n_turns: int) -> dict[int, _Event]:
         """Place (state, [update], ask) triples on distinct turns; distances uniform in 1..max_distance."""
@@ -356,7 +381,11 @@ class DialogueGenerator:
         # no draw at all without paraphrases: dialogues stay exactly what they were
         if event.kind == "state" and self.paraphrases and rng.random() < self.paraphrases:
             templates = PARAPHRASES[fact.slot]
-        query = self._framed(rng, rng.choice(templates)).format(v=value)
+        template = rng.choice(templates)
+        # no draw at all without distractors: dialogues stay exactly what they were
+        if self.distractors and rng.random() < self.distractors:
+            template = distract(rng, template)
+        query = self._framed(rng, template).format(v=value)
         answer = _capitalise(rng.choice(fact.acks).format(v=value))
         return Turn(query, answer)
 

@@ -75,7 +75,7 @@ class RecipeRun:
         else:
             self.train_dialogues = DialogueGenerator(data.seed, "train", fresh_values=data.fresh_values,
                                                       fresh_words=data.fresh_words, frames=data.frames,
-                                                      paraphrases=data.paraphrases,
+                                                      paraphrases=data.paraphrases, distractors=data.distractors,
                                                       facts_per_dialogue=tuple(data.facts_per_dialogue), **options)
             self.population = data.train_dialogues
         if data.heldout_file:

@@ -50,6 +50,7 @@ class DataSpec:
     fresh_words: str = "syllables"
     frames: float = 0.0  # share of training queries wrapped in an opener or closer ("By the way, ...")
     paraphrases: float = 0.0  # share of training statements told in a training-only paraphrase ("{v} is my dog.")
+    distractors: float = 0.0  # share of training statements with one invented word that is not the value
     # facts told (and later asked about) per training dialogue: [min, max] (the held-out check keeps 2-5)
     facts_per_dialogue: list[int] = field(default_factory=lambda: [2, 5])
     # loss weight of the answers to recall questions in SMAT and the baseline alike (the only answers
@@ -162,11 +163,10 @@ class Recipe:
         facts = self.data.facts_per_dialogue
         if len(facts) != 2 or not 1 <= facts[0] <= facts[1] <= len(FACTS):
             raise ValueError(f"data.facts_per_dialogue must be [min, max] with 1 <= min <= max <= {len(FACTS)}, got {facts}")
-        if not 0.0 <= self.data.frames <= 1.0:
-            raise ValueError(f"data.frames is a probability in [0, 1], got {self.data.frames}")
-        if not 0.0 <= self.data.paraphrases <= 1.0:
-            raise ValueError(f"data.paraphrases is a probability in [0, 1], got {self.data.paraphrases}")
-        for key in ("frames", "paraphrases"):
+        for key in ("frames", "paraphrases", "distractors"):
+            if not 0.0 <= getattr(self.data, key) <= 1.0:
+                raise ValueError(f"data.{key} is a probability in [0, 1], got {getattr(self.data, key)}")
+        for key in ("frames", "paraphrases", "distractors"):
             if self.data.train_file and getattr(self.data, key):
                 raise ValueError(f"data.{key} applies to synthetic dialogues, not to data.train_file")
         if self.data.train_file and self.data.fresh_values:
