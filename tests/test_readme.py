@@ -43,4 +43,4 @@ def test_shipped_models_load_and_name_their_recipes():
         while recipe.init_from:
             recipe = load_recipe(root / name / "continued_from" / Path(recipe.init_from).name / "recipe.yaml")
             chain.append(recipe.name)
-        assert chain == ["nano-para", "nano-real", "nano-queue", "nano-words", "nano-long", "nano"]
+        assert chain == ["nano-distract", "nano-para", "nano-real", "nano-queue", "nano-words", "nano-long", "nano"]
