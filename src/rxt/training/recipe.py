@@ -166,7 +166,6 @@ class Recipe:
         for key in ("frames", "paraphrases", "distractors"):
             if not 0.0 <= getattr(self.data, key) <= 1.0:
                 raise ValueError(f"data.{key} is a probability in [0, 1], got {getattr(self.data, key)}")
-        for key in ("frames", "paraphrases", "distractors"):
             if self.data.train_file and getattr(self.data, key):
                 raise ValueError(f"data.{key} applies to synthetic dialogues, not to data.train_file")
         if self.data.train_file and self.data.fresh_values:
