@@ -1,6 +1,7 @@
 """Recall evaluation: scoring rules, report schema, and the engines' teacher-forced helpers."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -50,6 +51,23 @@ def test_report_counts_every_question_and_tokens_follow_the_cost_model(engines):
     assert tokens["current_turn"] < tokens["window"] < tokens["stateless"]  # history re-read costs
     assert tokens["rxt"] == 2 * tokens["current_turn"]  # decoder + memory encoder read each turn once
     json.dumps(report)
+
+
+def test_distance_ranges_add_up_the_distances_in_them(capsys):
+    from rxt.evaluation.recall import RecallReport, print_table
+
+    report = RecallReport()
+    for distance, asked, right in ((1, 10, 9), (4, 10, 5), (6, 5, 5), (12, 4, 0), (20, 2, 1)):
+        report.asked[distance], report.hits["rxt"][distance] = asked, right
+    report.nll["rxt"], report.scored_tokens["rxt"], report.tokens_processed["rxt"] = 1.0, 1, 1
+    data = report.to_dict()
+    assert data["questions_by_distance_range"] == {"1-4": 20, "5-8": 5, "9-16": 4, "17+": 2}
+    assert data["by_distance_range"] == {"1-4": {"rxt": 0.7}, "5-8": {"rxt": 1.0}, "9-16": {"rxt": 0.0},
+                                         "17+": {"rxt": 0.5}}
+    print_table(report)
+    assert re.search(r"^\s+1-4\s+20\s+70\.0%$", capsys.readouterr().out, flags=re.MULTILINE)
+    del report.asked[20], report.hits["rxt"][20]
+    assert "17+" not in report.to_dict()["by_distance_range"]  # only spans some question falls in
 
 
 def test_score_matches_a_manual_teacher_forced_loss(engines):
