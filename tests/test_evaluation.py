@@ -117,6 +117,28 @@ def test_eval_cli_draws_the_values_asked_for(engines, tmp_path, values):
         assert not set(asked) & held and [v for v in asked if v not in train]
 
 
+def test_eval_cli_writes_every_wrong_answer_with_the_statement_it_asks_about(engines, tmp_path):
+    from rxt.cli import main
+
+    engine = engines["rxt"]
+    engine.model.tokenizer = engine.tokenizer
+    engine.model.save_pretrained(tmp_path / "rxt")
+    out, mistakes = tmp_path / "report.json", tmp_path / "wrong.jsonl"
+    argv = ["eval", "recall", "--model", str(tmp_path / "rxt"), "--dialogues", "16", "--max-new-tokens", "3",
+            "--json", str(out), "--mistakes", str(mistakes)]
+    assert main(argv) == 0
+    wrong = [json.loads(line) for line in mistakes.read_text().splitlines()]
+    report = json.loads(out.read_text())
+    assert len(wrong) == report["wrong_answers"]["rxt"]["wrong"] > 20  # all of them, not the 20 examples
+    dialogues = generate_dialogues(16, seed=1234, split="heldout")
+    told = {(t.query, t.check["value"]): d.turns[i - t.check["distance"]].query
+            for d in dialogues for i, t in enumerate(d.turns) if t.check}
+    for m in wrong:
+        assert not m["correct"] and m["model"] == "rxt" and not is_correct(m["answer"], m["value"])
+        assert m["value"] in m["told"] and told[m["query"], m["value"]] == m["told"]
+    assert main(argv[:-1] + [str(tmp_path / "no" / "wrong.jsonl")]) == 2  # refused before the run
+
+
 def test_eval_cli_makes_dialogues_of_the_length_asked_for(engines, tmp_path, capsys):
     from rxt.cli import main
 

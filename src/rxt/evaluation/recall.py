@@ -46,7 +46,8 @@ class RecallReport:
     nll: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     scored_tokens: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     tokens_processed: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    examples: list[dict] = field(default_factory=list)
+    examples: list[dict] = field(default_factory=list)  # the first answers, right or wrong
+    mistakes: list[dict] = field(default_factory=list)  # every wrong answer (--mistakes)
 
     def accuracy(self, model: str, distance: int | None = None) -> float:
         if distance is None:
@@ -54,18 +55,14 @@ class RecallReport:
             return sum(self.hits[model].values()) / total if total else float("nan")
         return self.hits[model][distance] / self.asked[distance] if self.asked[distance] else float("nan")
 
-    def within(self, model: str, low: int, high: float) -> float:
-        """Accuracy over the questions asked low..high turns after the fact (both ends included)."""
-        asked = sum(n for d, n in self.asked.items() if low <= d <= high)
-        return sum(n for d, n in self.hits[model].items() if low <= d <= high) / asked if asked else float("nan")
+    def within(self, counts: dict[int, int], low: int, high: float) -> int:
+        """The questions (or hits) of ``counts`` asked low..high turns after the fact, both ends included."""
+        return sum(n for d, n in counts.items() if low <= d <= high)
 
     def ranges(self) -> dict[str, tuple[int, float]]:
-        """The DISTANCE_RANGES some question falls in, by label ("1-4")."""
-        found = {}
-        for low, high in DISTANCE_RANGES:
-            if any(low <= d <= high for d in self.asked):
-                found[f"{low}-{high}" if high != math.inf else f"{low}+"] = (low, high)
-        return found
+        """The DISTANCE_RANGES some question falls in, by label ("1-4", "17+")."""
+        return {f"{low}-{high}" if high != math.inf else f"{low}+": (low, high)
+                for low, high in DISTANCE_RANGES if self.within(self.asked, low, high)}
 
     def wrong(self, model: str) -> dict[str, int]:
         """Wrong answers: how many, and how many of them name another fact of the same dialogue."""
@@ -96,13 +93,13 @@ class RecallReport:
         )
 
     def to_dict(self) -> dict:
-        models = list(self.nll)
+        models, ranges = list(self.nll), self.ranges()
         return {
             "by_distance": {d: {m: self.accuracy(m, d) for m in models} for d in sorted(self.asked)},
             "questions_by_distance": {d: self.asked[d] for d in sorted(self.asked)},
-            "by_distance_range": {k: {m: self.within(m, *r) for m in models} for k, r in self.ranges().items()},
-            "questions_by_distance_range": {k: sum(n for d, n in self.asked.items() if r[0] <= d <= r[1])
-                                            for k, r in self.ranges().items()},
+            "by_distance_range": {k: {m: self.within(self.hits[m], *r) / self.within(self.asked, *r) for m in models}
+                                  for k, r in ranges.items()},
+            "questions_by_distance_range": {k: self.within(self.asked, *r) for k, r in ranges.items()},
             "overall": {m: self.accuracy(m) for m in models},
             "by_slot": self.by_group("slot", models),
             "questions_by_slot": self.questions("slot"),
@@ -113,7 +110,7 @@ class RecallReport:
             "perplexity": {m: self.perplexity(m) for m in models},
             "wrong_answers": {m: self.wrong(m) for m in models},
             "tokens_processed": dict(self.tokens_processed),
-            "examples": self.examples[:20],
+            "examples": self.examples,
         }
 
 
@@ -182,23 +179,19 @@ def _run_batch(
                 [s for s, _ in asking], [x.query for _, x in asking], sampling, remember=False
             )
             for (session, turn), reply in zip(asking, replies, strict=True):
-                right = is_correct(reply.text, turn.check["value"])
+                dialogue, right = dialogue_of[id(session)], is_correct(reply.text, turn.check["value"])
                 report.hits[name][turn.check["distance"]] += right
                 others = asked_values[id(session)] - {turn.check["value"]}
                 report.confusions[name] += not right and any(is_correct(reply.text, v) for v in others)
-                for group, key in groups(dialogue_of[id(session)], t).items():
+                for group, key in groups(dialogue, t).items():
                     report.group_hits[name][group][key] += right
-                if len(report.examples) < 200:
-                    report.examples.append(
-                        {
-                            "model": name,
-                            "query": turn.query,
-                            "answer": reply.text,
-                            "value": turn.check["value"],
-                            "distance": turn.check["distance"],
-                            "correct": right,
-                        }
-                    )
+                answer = {"model": name, "told": dialogue.turns[t - turn.check["distance"]].query,
+                          "query": turn.query, "answer": reply.text, "value": turn.check["value"],
+                          "distance": turn.check["distance"], "correct": right}
+                if len(report.examples) < 20:
+                    report.examples.append(answer)
+                if not right:
+                    report.mistakes.append(answer)
         for (nll, count), stat_tokens in zip(
             engine.score(live, queries, answers), _prompt_tokens(engine, live, queries), strict=True
         ):
@@ -316,6 +309,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--mistakes", metavar="FILE.jsonl",
+                        help="write every wrong answer here, one JSON line each: model, the statement it asks "
+                        "about (told), query, answer, value, distance")
     parser.add_argument("--plot", help="write an accuracy-by-distance PNG here")
 
 
@@ -349,11 +345,16 @@ def run(args: argparse.Namespace) -> int:
     if not any(turn.check for d in dialogues for turn in d.turns):
         raise ValueError(f"{args.data or 'these dialogues'}: no turn asks a recall question (a 'check' field); "
                          "nothing to measure")
+    for option, path in (("--json", args.json), ("--plot", args.plot), ("--mistakes", args.mistakes)):
+        if path and not Path(path).resolve().parent.is_dir():  # found out before the run, not after it
+            raise ValueError(f"{option} {path}: no such directory {Path(path).resolve().parent}")
     engines = build_engines(args.model, args.baseline, args.device)
     report = evaluate_recall(engines, dialogues, args.batch_size, args.max_new_tokens)
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if args.mistakes:
+        Path(args.mistakes).write_text("".join(json.dumps(m) + "\n" for m in report.mistakes))
     if args.plot:
         plot(report, args.plot)
     return 0
