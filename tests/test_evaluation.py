@@ -273,3 +273,34 @@ def test_recall_is_split_by_whether_the_fact_was_told_or_asked_in_a_new_phrasing
     held = generate_dialogues(6, seed=3, split="heldout")
     report = evaluate_recall({"rxt": engines["rxt"]}, held, max_new_tokens=2, progress=False).to_dict()
     assert sum(report["questions_by_phrasing"].values()) == sum(1 for d in held for t in d.turns if t.check)
+
+
+def test_history_own_keeps_each_models_answers_instead_of_the_references(engines):
+    from types import SimpleNamespace
+
+    class Parrot:  # the tiny RxT, answering a question with the last answer its history kept
+        def __init__(self, engine):
+            self.engine, self.kept = engine, {}
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+        def interact_batch(self, sessions, queries, sampling=None, remember=True):
+            return [SimpleNamespace(text=self.kept.get(id(s), "") if q.endswith("?") else "Noted.")
+                    for s, q in zip(sessions, queries, strict=True)]
+
+        def observe(self, sessions, queries, answers):
+            self.kept.update({id(s): a for s, a in zip(sessions, answers, strict=True)})
+            self.engine.observe(sessions, queries, answers)
+
+    dialogue = Dialogue("d", [Turn("My name is Ada.", "Hi Ada."),
+                              Turn("What is my name?", "You are Ada.", {"slot": "user_name", "value": "Ada", "distance": 1})])
+    reference = evaluate_recall({"rxt": Parrot(engines["rxt"])}, [dialogue], progress=False).to_dict()
+    own = evaluate_recall({"rxt": Parrot(engines["rxt"])}, [dialogue], progress=False, history="own").to_dict()
+    assert (reference["overall"], reference["history"]) == ({"rxt": 1.0}, "reference")  # kept "Hi Ada."
+    assert (own["overall"], own["history"]) == ({"rxt": 0.0}, "own")  # kept its own "Noted."
+    held = generate_dialogues(3, seed=5, split="heldout")
+    report = evaluate_recall(engines, held, max_new_tokens=2, progress=False, history="own").to_dict()
+    assert sum(report["questions_by_distance"].values()) == sum(1 for d in held for t in d.turns if t.check)
+    with pytest.raises(ValueError, match="history must be one of"):
+        evaluate_recall(engines, held, progress=False, history="mine")

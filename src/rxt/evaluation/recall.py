@@ -1,8 +1,10 @@
 """`rxt eval recall`: does the model remember what it was told k turns ago?
 
-Every model hears the same held-out dialogues with the reference answers as history (teacher
-forcing), so one wrong answer does not spoil the turns after it. On each recall question it answers
-greedily; the answer is right when it contains the exact value (a whole word, any case). A wrong
+Every model hears the same held-out dialogues. By default the reference answers are its history
+(teacher forcing), so one wrong answer does not spoil the turns after it; with ``history="own"``
+(``--history own``) the model answers every turn and keeps its own answers, as in a real chat. On
+each recall question it answers greedily; the answer is right when it contains the exact value (a
+whole word, any case). A wrong
 answer that names the value of another fact of the same dialogue is counted apart ("another fact"):
 the model kept that value but bound it to the wrong question.
 
@@ -48,6 +50,7 @@ class RecallReport:
     tokens_processed: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     examples: list[dict] = field(default_factory=list)  # the first answers, right or wrong
     mistakes: list[dict] = field(default_factory=list)  # every wrong answer (--mistakes)
+    history: str = "reference"  # whose answers the models kept as history (HISTORIES)
 
     def accuracy(self, model: str, distance: int | None = None) -> float:
         if distance is None:
@@ -110,11 +113,14 @@ class RecallReport:
             "perplexity": {m: self.perplexity(m) for m in models},
             "wrong_answers": {m: self.wrong(m) for m in models},
             "tokens_processed": dict(self.tokens_processed),
+            "history": self.history,
             "examples": self.examples,
         }
 
 
 PHRASINGS = ("both seen", "told new", "asked new", "both new")
+# reference: the dataset's answers are every model's history; own: each model keeps its own answers
+HISTORIES = ("reference", "own")
 # spans of distance the table also sums up (the project's targets are set at <= 4 and at 8)
 DISTANCE_RANGES = ((1, 4), (5, 8), (9, 16), (17, math.inf))
 
@@ -143,9 +149,13 @@ def evaluate_recall(
     batch_size: int = 32,
     max_new_tokens: int = 24,
     progress: bool = True,
+    history: str = "reference",
 ) -> RecallReport:
-    """Run every engine over the dialogues, batch by batch and turn by turn."""
-    report = RecallReport()
+    """Run every engine over the dialogues, batch by batch and turn by turn; ``history`` (HISTORIES)
+    says whose answers each model keeps."""
+    if history not in HISTORIES:
+        raise ValueError(f"history must be one of {HISTORIES}, got {history!r}")
+    report = RecallReport(history=history)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     batches = [dialogues[i : i + batch_size] for i in range(0, len(dialogues), batch_size)]
     bar = tqdm(total=len(batches) * len(engines), desc="recall eval", disable=not progress)
@@ -167,44 +177,56 @@ def _run_batch(
     name: str, engine: ChatEngine, batch: Sequence[Dialogue], sampling: SamplingConfig, report: RecallReport
 ) -> None:
     sessions = [engine.new_session() for _ in batch]
-    asked_values = {id(s): {x.check["value"] for x in d.turns if x.check} for s, d in zip(sessions, batch, strict=True)}
-    dialogue_of = {id(s): d for s, d in zip(sessions, batch, strict=True)}
+    own = report.history == "own"  # then every turn is answered, and those answers are kept
     for t in range(max(len(d.turns) for d in batch)):
-        active = [(s, d.turns[t]) for s, d in zip(sessions, batch, strict=True) if t < len(d.turns)]
-        live, turns = [s for s, _ in active], [turn for _, turn in active]
+        active = [(s, d, d.turns[t]) for s, d in zip(sessions, batch, strict=True) if t < len(d.turns)]
+        live, turns = [s for s, _, _ in active], [turn for _, _, turn in active]
         queries, answers = [x.query for x in turns], [x.answer for x in turns]
-        asking = [(s, x) for s, x in active if x.check]
+        asking = active if own else [a for a in active if a[2].check]
+        kept = list(answers)
         if asking:
             replies = engine.interact_batch(
-                [s for s, _ in asking], [x.query for _, x in asking], sampling, remember=False
+                [s for s, _, _ in asking], [x.query for _, _, x in asking], sampling, remember=False
             )
-            for (session, turn), reply in zip(asking, replies, strict=True):
-                dialogue, right = dialogue_of[id(session)], is_correct(reply.text, turn.check["value"])
-                report.hits[name][turn.check["distance"]] += right
-                others = asked_values[id(session)] - {turn.check["value"]}
-                report.confusions[name] += not right and any(is_correct(reply.text, v) for v in others)
-                for group, key in groups(dialogue, t).items():
-                    report.group_hits[name][group][key] += right
-                answer = {"model": name, "told": dialogue.turns[t - turn.check["distance"]].query,
-                          "query": turn.query, "answer": reply.text, "value": turn.check["value"],
-                          "distance": turn.check["distance"], "correct": right}
-                if len(report.examples) < 20:
-                    report.examples.append(answer)
-                if not right:
-                    report.mistakes.append(answer)
-        for (nll, count), stat_tokens in zip(
-            engine.score(live, queries, answers), _prompt_tokens(engine, live, queries), strict=True
+            if own:
+                kept = [reply.text for reply in replies]
+            for (_, dialogue, turn), reply in zip(asking, replies, strict=True):
+                if turn.check:
+                    _count_answer(report, name, dialogue, t, reply.text)
+        # perplexity is always of the reference answers; the tokens processed are of the kept ones
+        kept_tokens = [len(engine.tokenizer.interaction(q, a)) - len(engine.tokenizer.prompt(q))
+                       for q, a in zip(queries, kept, strict=True)]
+        for (nll, count), stat_tokens, answer_tokens in zip(
+            engine.score(live, queries, answers), _prompt_tokens(engine, live, queries), kept_tokens, strict=True
         ):
             report.nll[name] += nll
             report.scored_tokens[name] += count
-            report.tokens_processed[name] += stat_tokens + count
+            report.tokens_processed[name] += stat_tokens + answer_tokens
         if engine.model_type == "rxt":  # the memory encoder reads every interaction
             report.tokens_processed[name] += sum(
-                len(engine.tokenizer.interaction(q, a)) for q, a in zip(queries, answers, strict=True)
+                len(engine.tokenizer.interaction(q, a)) for q, a in zip(queries, kept, strict=True)
             )
-        engine.observe(live, queries, answers)
+        engine.observe(live, queries, kept)
     for session in sessions:
         session.wait()
+
+
+def _count_answer(report: RecallReport, name: str, dialogue: Dialogue, t: int, text: str) -> None:
+    """Score the answer to the recall question on turn t of the dialogue."""
+    check = dialogue.turns[t].check
+    right = is_correct(text, check["value"])
+    report.hits[name][check["distance"]] += right
+    others = {x.check["value"] for x in dialogue.turns if x.check} - {check["value"]}
+    report.confusions[name] += not right and any(is_correct(text, v) for v in others)
+    for group, key in groups(dialogue, t).items():
+        report.group_hits[name][group][key] += right
+    answer = {"model": name, "told": dialogue.turns[t - check["distance"]].query,
+              "query": dialogue.turns[t].query, "answer": text, "value": check["value"],
+              "distance": check["distance"], "correct": right}
+    if len(report.examples) < 20:
+        report.examples.append(answer)
+    if not right:
+        report.mistakes.append(answer)
 
 
 def _prompt_tokens(engine: ChatEngine, sessions, queries) -> list[int]:
@@ -281,7 +303,8 @@ def plot(report: RecallReport, path: str) -> None:
         xlabel="turns since the fact was told",
         ylabel="recall accuracy",
         ylim=(0, 1.02),
-        title="Memory recall on held-out dialogues",
+        title="Memory recall on held-out dialogues"
+        + (", each model's own answers as history" if report.history == "own" else ""),
     )
     ax.grid(alpha=0.3)
     ax.legend()
@@ -313,6 +336,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write every wrong answer here, one JSON line each: model, the statement it asks "
                         "about (told), query, answer, value, distance")
     parser.add_argument("--plot", help="write an accuracy-by-distance PNG here")
+    parser.add_argument("--history", choices=HISTORIES, default="reference",
+                        help="whose answers each model keeps as history: the dataset's (reference, teacher "
+                        "forcing) or its own, answering every turn as in a chat (own; slower)")
 
 
 VALUE_SOURCES = ("train", "heldout", "fresh-syllables", "fresh-english")
@@ -349,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
         if path and not Path(path).resolve().parent.is_dir():  # found out before the run, not after it
             raise ValueError(f"{option} {path}: no such directory {Path(path).resolve().parent}")
     engines = build_engines(args.model, args.baseline, args.device)
-    report = evaluate_recall(engines, dialogues, args.batch_size, args.max_new_tokens)
+    report = evaluate_recall(engines, dialogues, args.batch_size, args.max_new_tokens, history=args.history)
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
