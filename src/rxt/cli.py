@@ -19,6 +19,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("eval", "gates"): ("rxt.evaluation.gates", "how a trained RxT's residual gates write its memory"),
     ("tokenizer", "train"): ("rxt.tokenizer", "train a byte-level BPE tokenizer"),
     ("data", "validate"): ("rxt.data.jsonl", "check a dialogue JSONL file"),
+    ("data", "fetch"): ("rxt.data.fetch", "download, check and prepare real corpora (and weights) under data/"),
     ("serve",): ("rxt.serve.app", "OpenAI-compatible stateful chat server"),
 }
 
