@@ -131,11 +131,12 @@ def test_eval_cli_writes_every_wrong_answer_with_the_statement_it_asks_about(eng
     report = json.loads(out.read_text())
     assert len(wrong) == report["wrong_answers"]["rxt"]["wrong"] > 20  # all of them, not the 20 examples
     dialogues = generate_dialogues(16, seed=1234, split="heldout")
-    told = {(t.query, t.check["value"]): d.turns[i - t.check["distance"]].query
+    told = {(t.query, t.check["value"]): d.turns[i - t.check["distance"]]
             for d in dialogues for i, t in enumerate(d.turns) if t.check}
     for m in wrong:
         assert not m["correct"] and m["model"] == "rxt" and not is_correct(m["answer"], m["value"])
-        assert m["value"] in m["told"] and told[m["query"], m["value"]] == m["told"]
+        statement = told[m["query"], m["value"]]
+        assert m["value"] in m["told"] and (m["told"], m["told_answer"]) == (statement.query, statement.answer)
     assert main(argv[:-1] + [str(tmp_path / "no" / "wrong.jsonl")]) == 2  # refused before the run
 
 
@@ -299,6 +300,7 @@ def test_history_own_keeps_each_models_answers_instead_of_the_references(engines
     own = evaluate_recall({"rxt": Parrot(engines["rxt"])}, [dialogue], progress=False, history="own").to_dict()
     assert (reference["overall"], reference["history"]) == ({"rxt": 1.0}, "reference")  # kept "Hi Ada."
     assert (own["overall"], own["history"]) == ({"rxt": 0.0}, "own")  # kept its own "Noted."
+    assert [x["told_answer"] for x in reference["examples"] + own["examples"]] == ["Hi Ada.", "Noted."]
     held = generate_dialogues(3, seed=5, split="heldout")
     report = evaluate_recall(engines, held, max_new_tokens=2, progress=False, history="own").to_dict()
     assert sum(report["questions_by_distance"].values()) == sum(1 for d in held for t in d.turns if t.check)

@@ -178,6 +178,7 @@ def _run_batch(
 ) -> None:
     sessions = [engine.new_session() for _ in batch]
     own = report.history == "own"  # then every turn is answered, and those answers are kept
+    kept_by_session: dict[int, list[str]] = {id(s): [] for s in sessions}  # the answers each history holds
     for t in range(max(len(d.turns) for d in batch)):
         active = [(s, d, d.turns[t]) for s, d in zip(sessions, batch, strict=True) if t < len(d.turns)]
         live, turns = [s for s, _, _ in active], [turn for _, _, turn in active]
@@ -190,9 +191,10 @@ def _run_batch(
             )
             if own:
                 kept = [reply.text for reply in replies]
-            for (_, dialogue, turn), reply in zip(asking, replies, strict=True):
+            for (session, dialogue, turn), reply in zip(asking, replies, strict=True):
                 if turn.check:
-                    _count_answer(report, name, dialogue, t, reply.text)
+                    told_answer = kept_by_session[id(session)][t - turn.check["distance"]]
+                    _count_answer(report, name, dialogue, t, reply.text, told_answer)
         # perplexity is always of the reference answers; the tokens processed are of the kept ones
         kept_tokens = [len(engine.tokenizer.interaction(q, a)) - len(engine.tokenizer.prompt(q))
                        for q, a in zip(queries, kept, strict=True)]
@@ -207,12 +209,15 @@ def _run_batch(
                 len(engine.tokenizer.interaction(q, a)) for q, a in zip(queries, kept, strict=True)
             )
         engine.observe(live, queries, kept)
+        for session, answer in zip(live, kept, strict=True):
+            kept_by_session[id(session)].append(answer)
     for session in sessions:
         session.wait()
 
 
-def _count_answer(report: RecallReport, name: str, dialogue: Dialogue, t: int, text: str) -> None:
-    """Score the answer to the recall question on turn t of the dialogue."""
+def _count_answer(report: RecallReport, name: str, dialogue: Dialogue, t: int, text: str, told_answer: str) -> None:
+    """Score the answer to the recall question on turn t of the dialogue; ``told_answer`` is the answer
+    the model's history kept for the turn that told the fact."""
     check = dialogue.turns[t].check
     right = is_correct(text, check["value"])
     report.hits[name][check["distance"]] += right
@@ -220,7 +225,7 @@ def _count_answer(report: RecallReport, name: str, dialogue: Dialogue, t: int, t
     report.confusions[name] += not right and any(is_correct(text, v) for v in others)
     for group, key in groups(dialogue, t).items():
         report.group_hits[name][group][key] += right
-    answer = {"model": name, "told": dialogue.turns[t - check["distance"]].query,
+    answer = {"model": name, "told": dialogue.turns[t - check["distance"]].query, "told_answer": told_answer,
               "query": dialogue.turns[t].query, "answer": text, "value": check["value"],
               "distance": check["distance"], "correct": right}
     if len(report.examples) < 20:
@@ -303,8 +308,8 @@ def plot(report: RecallReport, path: str) -> None:
         xlabel="turns since the fact was told",
         ylabel="recall accuracy",
         ylim=(0, 1.02),
-        title="Memory recall on held-out dialogues"
-        + (", each model's own answers as history" if report.history == "own" else ""),
+        title="Memory recall, " + ("each model's own answers" if report.history == "own" else "reference answers")
+        + " as history",
     )
     ax.grid(alpha=0.3)
     ax.legend()
@@ -334,7 +339,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--mistakes", metavar="FILE.jsonl",
                         help="write every wrong answer here, one JSON line each: model, the statement it asks "
-                        "about (told), query, answer, value, distance")
+                        "about (told), the answer to it the history kept (told_answer), query, answer, value, distance")
     parser.add_argument("--plot", help="write an accuracy-by-distance PNG here")
     parser.add_argument("--history", choices=HISTORIES, default="reference",
                         help="whose answers each model keeps as history: the dataset's (reference, teacher "
