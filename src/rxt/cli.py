@@ -16,6 +16,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("chat",): ("rxt.chat", "chat with a model directory in the terminal"),
     ("train",): ("rxt.training.cli", "run a training recipe (all curriculum stages)"),
     ("eval", "recall"): ("rxt.evaluation.recall", "memory-recall accuracy by turn distance"),
+    ("eval", "perplexity"): ("rxt.evaluation.perplexity", "answer perplexity by turn on real dialogues: RxT vs stateless"),
     ("eval", "gates"): ("rxt.evaluation.gates", "how a trained RxT's residual gates write its memory"),
     ("tokenizer", "train"): ("rxt.tokenizer", "train a byte-level BPE tokenizer"),
     ("data", "validate"): ("rxt.data.jsonl", "check a dialogue JSONL file"),

@@ -77,3 +77,17 @@ _VALUES = {value.lower() for pool in POOLS.values() for value in pool}
 def without_values(text: str) -> str:
     """The text with every entity value (of any split) removed."""
     return " ".join(w for w in text.split() if w.strip(".,!?'").lower() not in _VALUES)
+
+
+def text_chunks(paths: list[Path], words: int) -> list[str]:
+    """Plain-text files (one paragraph a line) cut into pieces of ``words`` white-space words.
+
+    Each file is one running text; a piece may span paragraphs, never files. The last, shorter piece of
+    a file is kept.
+    """
+    chunks = []
+    for path in paths:
+        tokens = Path(path).read_text(encoding="utf-8").split()
+        chunks.extend(" ".join(tokens[i : i + words]) for i in range(0, len(tokens), words))
+    return chunks
+

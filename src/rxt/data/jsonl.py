@@ -162,6 +162,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def clip(dialogues: list[Dialogue], max_turns: int = 0, max_chars: int = 0) -> list[Dialogue]:
+    """Dialogues cut to their first ``max_turns`` turns, messages to ``max_chars`` characters (0: all).
+
+    A recall check survives only where its value is still in the cut answer."""
+    def cut(text: str) -> str:
+        return text[:max_chars].rstrip() if max_chars else text
+
+    clipped = []
+    for d in dialogues:
+        turns = d.turns[:max_turns] if max_turns else d.turns
+        turns = [Turn(cut(t.query), cut(t.answer), t.check if t.check is None or t.check["value"] in cut(t.answer)
+                      else None) for t in turns]
+        clipped.append(Dialogue(d.id, turns))
+    return clipped
+
+
 class DialogueList:
     """Dialogues from a file, indexed like a ``DialogueGenerator`` so training can use either.
 
@@ -175,8 +191,10 @@ class DialogueList:
         self.dialogues, self.max_turns, self.name = dialogues, max_turns, name
 
     @classmethod
-    def read(cls, path: str | Path) -> DialogueList:
-        return cls(read_dialogues(path), name=str(path))
+    def read(cls, path: str | Path, max_turns: int = 0, max_chars: int = 0) -> DialogueList:
+        """The file's dialogues, each cut to its first ``max_turns`` turns and every message to its
+        first ``max_chars`` characters (0: no limit)."""
+        return cls(clip(read_dialogues(path), max_turns, max_chars), name=str(path))
 
     def __len__(self) -> int:
         return len(self.dialogues)

@@ -66,16 +66,17 @@ def batch_indices(seed: int, stage: str, step: int, batch_size: int, population:
 
 
 class TextSource:
-    """Single sequences for the language stages: corpus pairs and synthetic turns.
+    """Single sequences for the language stages: dialogue turns, and corpus pairs or plain text.
 
     chat=False gives plain text ("query answer"); chat=True the template [Q] query [A] answer [EOT].
-    A share ``copy_share`` of the sequences are copy drills (`copy_turn`) instead.
+    Even indices are dialogue turns; odd ones are corpus pairs, or with ``texts`` (prose chunks) and
+    chat=False, plain text. A share ``copy_share`` of the sequences are copy drills (`copy_turn`) instead.
     """
 
     def __init__(self, tokenizer: Tokenizer, generator: DialogueGenerator, pairs: list[tuple[str, str]],
-                 chat: bool, max_len: int, copy_share: float = 0.0, seed: int = 0):
+                 chat: bool, max_len: int, copy_share: float = 0.0, seed: int = 0, texts: Sequence[str] = ()):
         self.tokenizer, self.generator, self.pairs, self.chat, self.max_len = tokenizer, generator, pairs, chat, max_len
-        self.copy_share, self.seed = copy_share, seed
+        self.copy_share, self.seed, self.texts = copy_share, seed, texts
 
     def pair(self, index: int) -> tuple[str, str]:
         if self.copy_share and random.Random(f"rxt-copy-share:{self.seed}:{index}").random() < self.copy_share:
@@ -89,6 +90,8 @@ class TextSource:
         return turn.query, turn.answer
 
     def encode(self, index: int) -> list[int]:
+        if index % 2 and self.texts and not self.chat:
+            return self.tokenizer.encode(self.texts[(index // 2) % len(self.texts)])[: self.max_len]
         query, answer = self.pair(index)
         tok = self.tokenizer
         ids = tok.interaction(query, answer) if self.chat else tok.encode(f"{query} {answer}")
@@ -97,6 +100,13 @@ class TextSource:
     def batch(self, indices: list[int]) -> Batch:
         ids, mask = pad([self.encode(i) for i in indices], self.tokenizer.pad_id)
         return Batch({"ids": ids, "mask": mask}, count=int(mask[:, 1:].sum()), tokens=int(mask.sum()))
+
+    def lm_batch(self, indices: list[int]) -> Batch:
+        """The same sequences for a stateless LM: next-token loss on every real token."""
+        ids, mask = pad([self.encode(i) for i in indices], self.tokenizer.pad_id)
+        labels = torch.where(mask, ids, torch.full_like(ids, IGNORE))
+        return Batch({"ids": ids, "mask": mask, "labels": labels, "weights": torch.ones(ids.shape)},
+                     count=int(mask[:, 1:].sum()), tokens=int(mask.sum()))
 
 
 def answer_weight(turn: Turn, recall_weight: float) -> float:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from rxt.data.corpus import conversation_pairs, default_tokenizer_texts
+from rxt.data.corpus import conversation_pairs, default_tokenizer_texts, text_chunks
 from rxt.data.dialogues import DialogueGenerator
 from rxt.data.jsonl import DialogueList
 from rxt.model import ReactiveTransformer, StatelessLM
@@ -27,7 +27,7 @@ from rxt.tokenizer import Tokenizer
 from rxt.training import stages
 from rxt.training.batches import Batch, DialogueSource, TextSource, batch_indices, rank_slice
 from rxt.training.recall import quick_recall
-from rxt.training.recipe import Recipe, SMATSpec, StageSpec, recipe_to_dict
+from rxt.training.recipe import BASELINE_STAGES, Recipe, SMATSpec, StageSpec, recipe_to_dict, text_paths
 from rxt.training.trainer import Trainer, init_distributed
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class RecipeRun:
         self.train_dialogues: DialogueGenerator | DialogueList
         self.heldout_dialogues: DialogueGenerator | DialogueList
         if data.train_file:  # the user's own dialogues; every batch draws from them at random
-            self.train_dialogues = DialogueList.read(data.train_file)
+            self.train_dialogues = DialogueList.read(data.train_file, data.file_max_turns, data.file_max_chars)
             self.population = len(self.train_dialogues)
         else:
             self.train_dialogues = DialogueGenerator(data.seed, "train", fresh_values=data.fresh_values,
@@ -79,10 +79,11 @@ class RecipeRun:
                                                       facts_per_dialogue=tuple(data.facts_per_dialogue), **options)
             self.population = data.train_dialogues
         if data.heldout_file:
-            self.heldout_dialogues = DialogueList.read(data.heldout_file)
+            self.heldout_dialogues = DialogueList.read(data.heldout_file, data.file_max_turns, data.file_max_chars)
         else:
             self.heldout_dialogues = DialogueGenerator(data.seed, "heldout", **options)
         self.pairs = conversation_pairs() if data.corpus else []
+        self.texts = text_chunks(text_paths(data.text_files), data.text_chunk_words)  # prose for stage 1
         self.tokenizer = self._tokenizer()
 
     def _tokenizer(self) -> Tokenizer:
@@ -104,6 +105,7 @@ class RecipeRun:
             if isinstance(self.train_dialogues, DialogueList):
                 own = (text for d in self.train_dialogues.dialogues for t in d.turns for text in (t.query, t.answer))
                 texts = itertools.chain(texts, own)
+            texts = itertools.chain(texts, self.texts)
             tokenizer = Tokenizer.train(texts, vocab_size=spec.vocab_size)
             directory.mkdir(parents=True, exist_ok=True)
             tokenizer.save(directory)
@@ -114,6 +116,8 @@ class RecipeRun:
     # ---- batches -------------------------------------------------------------------------------
     def _batch_fn(self, stage: str, spec: StageSpec, build):
         population = self.population
+        if stage in ("joint_lm", "baseline_lm") and self.texts:  # odd indices are text pieces: reach them all
+            population = 2 * max(population, len(self.texts))
 
         def make(step: int, micro: int, rank: int, world: int) -> Batch:
             indices = batch_indices(self.recipe.seed, stage, step, spec.batch_size, population)
@@ -132,11 +136,16 @@ class RecipeRun:
             chat = stage == "sft"
             spec = getattr(self.recipe.stages, stage)
             train = TextSource(tok, self.train_dialogues, self.pairs, chat, c.max_seq_len, spec.copy_share,
-                               self.recipe.data.seed)
+                               self.recipe.data.seed, texts=self.texts)
             held = TextSource(tok, self.heldout_dialogues, [], chat, c.max_seq_len)
             return train.batch, lambda idx: held.batch([2 * i for i in idx])
         # answers to recall questions weigh recall_weight in training; the held-out loss weighs all alike
         weight = self.recipe.data.recall_weight
+        if stage == "baseline_lm":  # stage 1's sequences, read by the stateless model as plain text
+            seed, length = self.recipe.data.seed, c.max_seq_len
+            train = TextSource(tok, self.train_dialogues, self.pairs, False, length, 0.0, seed, texts=self.texts)
+            held = TextSource(tok, self.heldout_dialogues, [], False, length)
+            return train.lm_batch, lambda idx: held.lm_batch([2 * i for i in idx])
         if stage == "baseline":
             train = DialogueSource(tok, self.train_dialogues, recall_weight=weight)
             return train.history_batch, DialogueSource(tok, self.heldout_dialogues).history_batch
@@ -191,14 +200,14 @@ class RecipeRun:
             eval_batches=self._eval_batches(spec, held_build) if self.rank == 0 else [],
             trainable=trainable, seed=self.recipe.seed, log_every=self.recipe.log_every,
             checkpoint_every=self.recipe.checkpoint_every, bf16_autocast=self.recipe.bf16_autocast,
-            progress=self.progress, extra_metrics={"model": "baseline" if stage == "baseline" else "rxt"},
+            progress=self.progress, extra_metrics={"model": "baseline" if stage in BASELINE_STAGES else "rxt"},
         )
 
     # ---- the whole run -------------------------------------------------------------------------
     def build_models(self) -> tuple[ReactiveTransformer, StatelessLM]:
         torch.manual_seed(self.recipe.seed)
-        config = self.recipe.model.build(self.tokenizer.vocab_size)
-        rxt, baseline = ReactiveTransformer(config), StatelessLM(config)
+        vocab = self.tokenizer.vocab_size
+        rxt, baseline = ReactiveTransformer(self.recipe.model.build(vocab)), StatelessLM(self.recipe.model.build_baseline(vocab))
         if self.recipe.init_from:
             rxt, baseline = (self._initial(name, model) for name, model in (("rxt", rxt), ("baseline", baseline)))
         rxt, baseline = rxt.to(self.device), baseline.to(self.device)
@@ -240,8 +249,10 @@ class RecipeRun:
             for stage in ("joint_lm", "sft", "memory_attention", "smat"):
                 if getattr(self.recipe.stages, stage).steps:
                     self.trainer(stage, rxt).train(resume=self.resume)
-        if only != "rxt" and self.recipe.stages.baseline.steps:
-            self.trainer("baseline", baseline).train(resume=self.resume)
+        if only != "rxt":
+            for stage in BASELINE_STAGES:
+                if getattr(self.recipe.stages, stage).steps:
+                    self.trainer(stage, baseline).train(resume=self.resume)
         summary = {}
         if self.rank == 0:
             both = {"rxt": rxt, "baseline": baseline}
@@ -285,11 +296,11 @@ class RecipeRun:
             for line in self.metrics_path.read_text().splitlines():
                 record = json.loads(line)
                 last[record["stage"]] = record["tokens_seen"]
-            rxt_stages = {k: v for k, v in last.items() if k != "baseline"}
+            rxt_stages = {k: v for k, v in last.items() if k not in BASELINE_STAGES}
             if rxt_stages:
                 totals.update(rxt=sum(rxt_stages.values()), rxt_smat=last.get("smat", 0))
-            if "baseline" in last:
-                totals["baseline"] = last["baseline"]
+            if any(k in last for k in BASELINE_STAGES):
+                totals["baseline"] = sum(last.get(k, 0) for k in BASELINE_STAGES)
         return totals
 
 

@@ -8,6 +8,7 @@ cannot silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,9 +25,16 @@ from rxt.data.dialogues import FACTS, FRESH_WORDS
 class ModelSpec:
     preset: str = "nano"
     overrides: dict[str, Any] = field(default_factory=dict)  # any ModelConfig field
+    # fields in which the stateless baseline differs from the RxT (e.g. {n_layers: 12}, so that it has
+    # at least as many parameters: without it, it is the RxT's decoder alone)
+    baseline_overrides: dict[str, Any] = field(default_factory=dict)
 
     def build(self, vocab_size: int) -> ModelConfig:
         return ModelConfig.from_name(self.preset, **{**self.overrides, "vocab_size": vocab_size})
+
+    def build_baseline(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig.from_name(self.preset, **{**self.overrides, **self.baseline_overrides,
+                                                     "vocab_size": vocab_size})
 
 
 @dataclass
@@ -60,6 +68,14 @@ class DataSpec:
     # to the working directory. Without heldout_file the synthetic held-out split is the check.
     train_file: str = ""
     heldout_file: str = ""
+    # with dialogue files: keep each dialogue's first file_max_turns turns and each message's first
+    # file_max_chars characters (0: all); real chats run to hundreds of turns and thousands of characters
+    file_max_turns: int = 0
+    file_max_chars: int = 0
+    # plain-text files (globs, one paragraph a line, e.g. data/prose/train/*.txt from `rxt data fetch`):
+    # cut into text_chunk_words-word pieces, they are half of stage 1's sequences and train the tokenizer
+    text_files: list[str] = field(default_factory=list)
+    text_chunk_words: int = 96
 
 
 @dataclass
@@ -129,6 +145,9 @@ class StagesSpec:
     sft: JointLMSpec = field(default_factory=JointLMSpec)
     memory_attention: MemoryAttentionSpec = field(default_factory=MemoryAttentionSpec)
     smat: SMATSpec = field(default_factory=SMATSpec)
+    # the stateless baseline: first the text of stage 1 as a plain language model (0 steps: skipped),
+    # then whole dialogues
+    baseline_lm: StageSpec = field(default_factory=StageSpec)
     baseline: StageSpec = field(default_factory=StageSpec)
 
 
@@ -154,6 +173,15 @@ class Recipe:
         if self.model.preset not in PRESETS:
             raise ValueError(f"model.preset {self.model.preset!r} is not one of {sorted(PRESETS)}")
         self.model.build(self.tokenizer.vocab_size)  # raises on bad overrides
+        self.model.build_baseline(self.tokenizer.vocab_size)
+        for key in ("file_max_turns", "file_max_chars"):
+            if getattr(self.data, key) < 0:
+                raise ValueError(f"data.{key} must be >= 0 (0: no limit), got {getattr(self.data, key)}")
+        if self.data.text_chunk_words < 1:
+            raise ValueError(f"data.text_chunk_words must be >= 1, got {self.data.text_chunk_words}")
+        for pattern in self.data.text_files:
+            if not text_paths([pattern]):
+                raise FileNotFoundError(f"data.text_files: nothing matches {pattern!r} (run `rxt data fetch` first?)")
         if not 0.0 <= self.data.fresh_values <= 1.0:
             raise ValueError(f"data.fresh_values is a probability in [0, 1], got {self.data.fresh_values}")
         if not self.data.recall_weight > 0:
@@ -190,7 +218,16 @@ class Recipe:
         return self
 
 
-STAGE_ORDER = ("joint_lm", "sft", "memory_attention", "smat", "baseline")
+def text_paths(patterns: list[str]) -> list[Path]:
+    """The files the globs name, sorted, each once (relative patterns from the working directory)."""
+    found: set[Path] = set()
+    for pattern in patterns:
+        found.update(Path(p) for p in sorted(glob.glob(pattern)) if Path(p).is_file())
+    return sorted(found)
+
+
+STAGE_ORDER = ("joint_lm", "sft", "memory_attention", "smat", "baseline_lm", "baseline")
+BASELINE_STAGES = ("baseline_lm", "baseline")
 FREEZABLE = ("embedding", "decoder", "encoder", "memory_attention")
 
 
