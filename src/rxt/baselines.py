@@ -18,7 +18,7 @@ from rxt.config import ModelConfig
 from rxt.engine import ChatEngine, TurnPlan
 from rxt.generation import left_pad
 from rxt.model import StatelessLM, positions_from_mask
-from rxt.session import Session, TurnStats
+from rxt.session import Session, SessionStateError, TurnStats
 from rxt.tokenizer import Tokenizer
 
 MODES = ("full", "cached", "current", "window")
@@ -49,6 +49,7 @@ class StatelessEngine(ChatEngine):
         super().__init__(model, tokenizer, device)
         self.mode = mode
         self.window_tokens = window_tokens or window_tokens_for(model.config)
+        self.preamble = self.tokenizer.preamble()  # opens every conversation (empty for rxt's template)
 
     @property
     def pure_plans(self) -> bool:
@@ -58,15 +59,29 @@ class StatelessEngine(ChatEngine):
         return Session(self.model_type, self.identity, {"history": torch.zeros(0, dtype=torch.long)})
 
     def context(self, session: Session) -> list[int]:
-        """History tokens re-read before the new prompt."""
+        """History tokens re-read before the new prompt, after the template's preamble."""
         history = session.tensors["history"].tolist()
         if self.mode == "full":
-            return history
+            return self.preamble + history
         if self.mode == "window":
-            return history[-self.window_tokens :] if self.window_tokens else []
-        if self.mode == "cached":  # tokens of the history the cache has not seen yet (the last [EOT])
-            return history[self._cache(session).length :]
-        return []
+            return self.preamble + (history[-self.window_tokens :] if self.window_tokens else [])
+        if self.mode == "cached":  # tokens the cache has not seen yet (the closing of the last answer)
+            return (self.preamble + history)[self._cache(session).length :]
+        return list(self.preamble)
+
+    def history_tokens(self, session: Session) -> int:
+        """Tokens the model attends to before a new prompt (preamble included)."""
+        if self.mode in ("full", "cached"):
+            return len(self.preamble) + session.tensors["history"].numel()
+        return len(self.context(session))
+
+    def check_session(self, session: Session) -> None:
+        super().check_session(session)
+        history = session.tensors.get("history")
+        if history is None or history.dim() != 1 or history.dtype != torch.long:
+            raise SessionStateError("a stateless session's state is a 1-D int64 tensor 'history' of token ids")
+        if history.numel() and not 0 <= int(history.min()) <= int(history.max()) < self.model.config.vocab_size:
+            raise SessionStateError("the session history holds token ids outside the model's vocabulary")
 
     def _cache(self, session: Session) -> KVCache:
         caches = session.runtime.setdefault("caches", [KVCache() for _ in self.model.decoder.layers])

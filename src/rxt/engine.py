@@ -183,7 +183,7 @@ class ChatEngine:
             prompts = [self.tokenizer.prompt(q) for q in queries]
             self.finish(
                 sessions,
-                [p + _with_end(a, self.tokenizer.end_id) for p, a in zip(prompts, answers, strict=True)],
+                [p + self.tokenizer.close(a) for p, a in zip(prompts, answers, strict=True)],
                 stats,
             )
         for session, answer, stat in zip(sessions, answers, stats, strict=True):
@@ -214,7 +214,7 @@ class ChatEngine:
             raise ValueError(f"{type(self).__name__} cannot score without remembering the turn")
         for session in sessions:
             session.wait()
-        targets = [self.tokenizer.encode(" " + a.strip()) + [self.tokenizer.end_id] for a in answers]
+        targets = [self.tokenizer.answer(a) + [self.tokenizer.end_id] for a in answers]
         plan = self.plan(
             sessions, [self.tokenizer.prompt(q) + t[:-1] for q, t in zip(queries, targets, strict=True)]
         )
@@ -332,7 +332,3 @@ class ReactiveEngine(ChatEngine):
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)
-
-
-def _with_end(answer: list[int], end_id: int) -> list[int]:
-    return answer if answer and answer[-1] == end_id else answer + [end_id]
