@@ -310,16 +310,18 @@ def test_store_outage_is_503_then_recovers(model_dir):
         assert http.get(f"/v1/sessions/{session_id}").json()["turns"] == 3
 
 
-def test_serve_refuses_a_stateless_model(tmp_path, capsys):
+def test_serve_refuses_bad_options_before_starting(tmp_path, model_dir, capsys):
     tokenizer = Tokenizer.train(["a b c d e f"] * 20, vocab_size=260)
     model = StatelessLM(ModelConfig.from_name("tiny", vocab_size=tokenizer.vocab_size))
     model.tokenizer = tokenizer
     model.save_pretrained(tmp_path / "stateless")
-    assert cli_main(["serve", "--model", str(tmp_path / "stateless"), "--store", "sqlite:///:memory:"]) == 2
-    assert "only serves RxT models" in capsys.readouterr().err
+    assert cli_main(["serve", "--model", str(model_dir), "--baseline", "cached"]) == 2
+    assert "--baseline applies only to a stateless model directory" in capsys.readouterr().err
     assert cli_main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert cli_main(["serve", "--model", str(tmp_path / "stateless"), "--lock-ttl-s", "0"]) == 2
     assert "--lock-ttl-s must be > 0" in capsys.readouterr().err
+    assert cli_main(["serve", "--model", str(tmp_path / "stateless"), "--kv-cache-sessions", "-1"]) == 2
+    assert "--kv-cache-sessions must be >= 0" in capsys.readouterr().err
 
 
 def test_client_leaving_mid_stream_frees_the_session(http, server):

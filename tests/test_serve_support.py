@@ -15,6 +15,7 @@ import redis
 import torch
 import uvicorn
 
+from rxt.baselines import StatelessEngine
 from rxt.config import ModelConfig
 from rxt.engine import ReactiveEngine
 from rxt.generation import SamplingConfig
@@ -73,10 +74,14 @@ def reference_answers(model_dir: Path, conversations: Sequence[Sequence[str]], m
 @contextlib.contextmanager
 def serve_in_thread(model_dir: Path, store: SessionStore, api_keys: Sequence[str] = (), model_name: str = "tiny-rxt",
                     **settings) -> Iterator[str]:
-    """A live uvicorn server on a free loopback port, in a thread of this process; yields its URL."""
+    """A live uvicorn server on a free loopback port, in a thread of this process; yields its URL.
+
+    A stateless model directory is served with a persistent KV cache (as `rxt serve` does by default).
+    """
     model = load_model(model_dir)
     settings = ServeSettings(model_name=model_name, **settings)
-    app = create_app(ReactiveEngine(model), store, settings, api_keys)
+    engine = ReactiveEngine(model) if isinstance(model, ReactiveTransformer) else StatelessEngine(model, mode="cached")
+    app = create_app(engine, store, settings, api_keys)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

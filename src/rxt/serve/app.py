@@ -2,6 +2,10 @@
 
     rxt serve --model models/nano/rxt --store sqlite:///sessions.db --port 8000 --api-key KEY
 
+A stateless model directory (e.g. one from `rxt import gguf`) is served the same way; its session
+state is the conversation's history, re-read every turn, or (``--baseline cached``, the default)
+continued from a KV cache this process keeps for its recent sessions.
+
 Endpoints (docs/serving.md): POST /v1/chat/completions (SSE with ``stream: true``), GET /v1/models,
 /v1/sessions (create, inspect, reset, delete, export and import state), GET /health, GET /metrics.
 """
@@ -24,7 +28,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rxt.engine import AnswerEvent, ReactiveEngine, TokenEvent
+from rxt.baselines import MODES, StatelessEngine
+from rxt.engine import AnswerEvent, ChatEngine, ReactiveEngine, TokenEvent
 from rxt.serve.auth import ApiKeys
 from rxt.serve.errors import APIError, bad_request, error_body, not_found
 from rxt.serve.metrics import CONTENT_TYPE, ServerMetrics
@@ -46,7 +51,7 @@ DELAY_ENV = "RXT_MEMORY_UPDATE_DELAY_S"  # test hook: slow every memory update d
 KEYS_ENV = "RXT_API_KEYS"  # comma-separated keys, kept out of the process list
 
 
-def create_app(engine: ReactiveEngine, store: SessionStore, settings: ServeSettings,
+def create_app(engine: ChatEngine, store: SessionStore, settings: ServeSettings,
                api_keys: Sequence[str] = ()) -> FastAPI:
     metrics = ServerMetrics()
     service = ChatService(engine, store, settings, metrics)
@@ -309,7 +314,9 @@ async def stream_answer(turn: Turn, chat: ChatCompletionRequest, service: ChatSe
 
 # -- command line -----------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="RxT model directory (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("--baseline", choices=MODES, help="stateless model directories only: how to keep the history "
+                        "(default cached: the history in the store, its KV cache kept in this process)")
     parser.add_argument("--store", default="sqlite:///rxt_sessions.db",
                         help="sqlite:///path.db (default sqlite:///rxt_sessions.db), sqlite:///:memory: or redis://host:port/db")
     parser.add_argument("--host", default="127.0.0.1")
@@ -330,6 +337,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-threads", type=int, default=None,
                         help="turns generated at the same time (default: 1 on CPU, where PyTorch already uses "
                              f"every core for one turn; {defaults.model_threads} on GPU)")
+    parser.add_argument("--kv-cache-sessions", type=int, default=ServeSettings.kv_cache_sessions,
+                        help="stateless models, cached mode: sessions whose KV cache this process keeps")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -342,6 +351,8 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--{name.replace('_', '-')} must be > 0")
     if args.model_threads is not None and args.model_threads < 1:
         return _fail("--model-threads must be >= 1")
+    if args.kv_cache_sessions < 0:
+        return _fail("--kv-cache-sessions must be >= 0")
 
     from rxt.model import ReactiveTransformer, load_model
 
@@ -350,9 +361,8 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(args.model, device)
     except (FileNotFoundError, ValueError) as error:
         return _fail(f"cannot load {args.model}: {error}")
-    if not isinstance(model, ReactiveTransformer):
-        return _fail(f"{args.model} is a {model.model_type} model; rxt serve only serves RxT models "
-                     "(their whole conversation state is a fixed-size memory)")
+    if isinstance(model, ReactiveTransformer) and args.baseline is not None:
+        return _fail(f"{args.model} holds an RxT model; --baseline applies only to a stateless model directory")
     if model.tokenizer is None:
         return _fail(f"{args.model} has no tokenizer.json")
     try:
@@ -363,7 +373,10 @@ def run(args: argparse.Namespace) -> int:
         delay_s = float(os.environ.get(DELAY_ENV) or 0)
     except ValueError:
         return _fail(f"{DELAY_ENV} must be a number of seconds, got {os.environ[DELAY_ENV]!r}")
-    engine = ReactiveEngine(model, update_delay_s=delay_s)
+    if isinstance(model, ReactiveTransformer):
+        engine: ChatEngine = ReactiveEngine(model, update_delay_s=delay_s)
+    else:  # a stateless model: its session state is the history; the server re-reads it (or its KV cache)
+        engine = StatelessEngine(model, mode=args.baseline or "cached")
     settings = ServeSettings(
         model_name=args.model_name or Path(args.model).resolve().name,
         max_body_bytes=args.max_body_bytes, max_state_bytes=args.max_state_bytes,
@@ -371,6 +384,7 @@ def run(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens, lock_ttl_s=args.lock_ttl_s,
         session_wait_s=args.session_wait_s,
         model_threads=args.model_threads or (1 if engine.device.type == "cpu" else ServeSettings.model_threads),
+        kv_cache_sessions=args.kv_cache_sessions,
     )
     keys = list(args.api_key) + [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
     if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):

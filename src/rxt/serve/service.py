@@ -24,10 +24,12 @@ from dataclasses import dataclass
 
 import anyio
 
-from rxt.engine import AnswerEvent, ReactiveEngine, TokenEvent
+from rxt.baselines import StatelessEngine
+from rxt.engine import AnswerEvent, ChatEngine, TokenEvent
 from rxt.generation import SamplingConfig
 from rxt.serve.auth import same_owner
 from rxt.serve.errors import APIError, bad_request, session_not_found
+from rxt.serve.kv_caches import KVCacheKeeper
 from rxt.serve.locks import Lease, SessionLocks
 from rxt.serve.metrics import ServerMetrics
 from rxt.serve.schemas import SESSION_ID_PATTERN, ChatCompletionRequest
@@ -50,6 +52,7 @@ class ServeSettings:
     session_wait_s: float = 60.0  # how long a request waits for its session's earlier turn
     write_retry_s: float = 30.0  # how long a finished turn retries writing its memory while the store is down
     model_threads: int = 4  # turns generated at the same time
+    kv_cache_sessions: int = 8  # stateless model, cached mode: sessions whose KV cache this process keeps
 
 
 class Turn:
@@ -73,7 +76,7 @@ class Turn:
 
 
 class ChatService:
-    def __init__(self, engine: ReactiveEngine, store: SessionStore, settings: ServeSettings,
+    def __init__(self, engine: ChatEngine, store: SessionStore, settings: ServeSettings,
                  metrics: ServerMetrics | None = None):
         self.engine, self.store, self.settings = engine, store, settings
         self.metrics = metrics or ServerMetrics()
@@ -81,9 +84,14 @@ class ChatService:
         self.executor = ThreadPoolExecutor(settings.model_threads, thread_name_prefix="rxt-generate")
         self.background: set[asyncio.Task] = set()
         initial = engine.new_session()
-        self.stm_dtype = initial.tensors["stm"].dtype
+        self.state_name = next(iter(initial.tensors))  # "stm" (RxT) or "history" (a stateless model)
+        self.state_dtype = initial.tensors[self.state_name].dtype
+        self.stateless = isinstance(engine, StatelessEngine)
         if settings.max_state_bytes is None:
-            settings.max_state_bytes = 2 * len(initial.to_bytes()) + 65_536
+            history = 8 * engine.model.config.max_seq_len if self.stateless else 0  # int64 token ids
+            settings.max_state_bytes = 2 * len(initial.to_bytes()) + history + 65_536
+        cached = self.stateless and engine.mode == "cached"
+        self.kv_caches = KVCacheKeeper(settings.kv_cache_sessions) if cached else None
 
     # -- store access ----------------------------------------------------------------------------
     async def _store(self, method: Callable, *args):
@@ -111,15 +119,15 @@ class ChatService:
             session = Session.from_bytes(data, device=self.engine.device)
         except SessionStateError as error:
             raise APIError(unreadable_status, f"session state is not readable: {error}", "invalid_session_state") from None
-        stm = session.tensors.get("stm")
+        state = session.tensors.get(self.state_name)
         try:
             self.engine.check_session(session)
-            if stm is None or stm.dtype != self.stm_dtype:
-                raise SessionStateError(f"session state has no {self.stm_dtype} STM tensor")
+            if state is None or state.dtype != self.state_dtype:
+                raise SessionStateError(f"session state has no {self.state_dtype} {self.state_name} tensor")
         except (SessionStateError, KeyError) as error:
             raise APIError(409, f"session state does not fit the model this server runs: {error}",
                            "model_mismatch", type_="conflict_error") from None
-        if not bool(stm.isfinite().all()):
+        if state.is_floating_point() and not bool(state.isfinite().all()):
             raise APIError(unreadable_status, "session state is not readable: its memory holds NaN or infinity",
                            "invalid_session_state")
         return session
@@ -128,8 +136,12 @@ class ChatService:
         return {
             "id": session.id, "object": "session", "created": int(session.created), "turns": session.turns,
             "model": self.settings.model_name, "model_identity": session.model_identity,
-            "state_bytes": state_bytes, "stm_shape": list(session.tensors["stm"].shape),
+            "state_bytes": state_bytes, **self._state_shape(session),
         }
+
+    def _state_shape(self, session: Session) -> dict:
+        state = session.tensors[self.state_name]
+        return {"history_tokens": state.numel()} if self.stateless else {"stm_shape": list(state.shape)}
 
     async def create(self, owner: str, session: Session | None = None) -> dict:
         session = session or self.engine.new_session()
@@ -210,6 +222,9 @@ class ChatService:
             stored = await self._owned(session_id, owner)
             session = self.decode(stored.state)
             session.id = session_id
+            self._check_context(session, prompt_tokens, sampling.max_new_tokens)
+            if self.kv_caches is not None:
+                self.kv_caches.attach(session)
         except BaseException:
             await lease.release()
             raise
@@ -217,6 +232,16 @@ class ChatService:
         work = self._run_turn(turn, session, stored, lease, query, sampling, started)
         self._keep(asyncio.get_running_loop().create_task(work))
         return turn
+
+    def _check_context(self, session: Session, prompt_tokens: int, budget: int) -> None:
+        """A stateless model re-reads its history: history, message and answer must fit its context."""
+        if not self.stateless:
+            return
+        history, context = self.engine.history_tokens(session), self.engine.model.config.max_seq_len
+        if history + prompt_tokens + budget + 1 > context:
+            raise bad_request(f"this conversation holds {history} tokens; with the message ({prompt_tokens} tokens) "
+                              f"and max_tokens={budget} it exceeds the model's context of {context} tokens: reset "
+                              "the session or start a new one", "context_length_exceeded", param="messages")
 
     def _keep(self, task: asyncio.Task) -> None:
         self.background.add(task)
@@ -235,6 +260,8 @@ class ChatService:
             self.metrics.turns.inc()
             self.metrics.tokens.inc(answer.stats.answer_tokens)
             turn.queue.put_nowait(answer)
+            if self.kv_caches is not None:
+                self.kv_caches.keep(session)
             await self._remember(session, stored, lease, answered)
         except asyncio.CancelledError:  # shutting down
             turn.cancelled.set()
