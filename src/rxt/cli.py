@@ -13,6 +13,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "attention"): ("rxt.bench.attention", "time the SQA attention family against MHA/GQA/MQA"),
     ("bench", "latency"): ("rxt.bench.latency", "per-turn latency: RxT vs the stateless baselines"),
     ("bench", "serve"): ("rxt.bench.serve", "load-test a running rxt server"),
+    ("bench", "quality"): ("rxt.bench.quality", "train one small LM per attention variant on real prose"),
     ("chat",): ("rxt.chat", "chat with a model directory in the terminal"),
     ("train",): ("rxt.training.cli", "run a training recipe (all curriculum stages)"),
     ("eval", "recall"): ("rxt.evaluation.recall", "memory-recall accuracy by turn distance"),
