@@ -19,6 +19,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("eval", "recall"): ("rxt.evaluation.recall", "memory-recall accuracy by turn distance"),
     ("eval", "perplexity"): ("rxt.evaluation.perplexity", "answer perplexity by turn on real dialogues: RxT vs stateless"),
     ("eval", "gates"): ("rxt.evaluation.gates", "how a trained RxT's residual gates write its memory"),
+    ("eval", "memory"): ("rxt.evaluation.memory", "the memory suite: pass/fail tasks by distance, own answers as history"),
     ("tokenizer", "train"): ("rxt.tokenizer", "train a byte-level BPE tokenizer"),
     ("data", "validate"): ("rxt.data.jsonl", "check a dialogue JSONL file"),
     ("data", "fetch"): ("rxt.data.fetch", "download, check and prepare real corpora (and weights) under data/"),

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from rxt.data.dialogues import Dialogue
 from rxt.data.jsonl import DialogueList
 from rxt.engine import ChatEngine
-from rxt.evaluation.recall import _prompt_tokens, build_engines
+from rxt.evaluation.recall import build_engines, tokens_read
 
 log = logging.getLogger(__name__)
 
@@ -102,20 +102,15 @@ def evaluate_perplexity(engines: dict[str, ChatEngine], dialogues: Sequence[Dial
 
 def _run_batch(name: str, engine: ChatEngine, batch: Sequence[Dialogue], report: PerplexityReport) -> None:
     sessions = [engine.new_session() for _ in batch]
-    tok = engine.tokenizer
     for t in range(max(len(d.turns) for d in batch)):
         active = [(s, d.turns[t]) for s, d in zip(sessions, batch, strict=True) if t < len(d.turns)]
         live = [s for s, _ in active]
         queries, answers = [x.query for _, x in active], [x.answer for _, x in active]
-        read = _prompt_tokens(engine, live, queries)
-        for (nll, count), prompt_tokens, q, a in zip(engine.score(live, queries, answers), read, queries, answers,
-                                                    strict=True):
+        read = tokens_read(engine, live, queries, answers)  # RxT: the memory encoder reads each turn once more
+        for (nll, count), tokens in zip(engine.score(live, queries, answers), read, strict=True):
             report.nll[name][t + 1] += nll
             report.count[name][t + 1] += count
-            interaction = len(tok.interaction(q, a))
-            report.processed[name][t + 1] += prompt_tokens + interaction - len(tok.prompt(q))
-            if engine.model_type == "rxt":  # the memory encoder reads the whole interaction once more
-                report.processed[name][t + 1] += interaction
+            report.processed[name][t + 1] += tokens
         if name == report.models[0]:
             report.answers[t + 1] += len(active)
         engine.observe(live, queries, answers)

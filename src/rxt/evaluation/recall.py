@@ -196,18 +196,12 @@ def _run_batch(
                     told_answer = kept_by_session[id(session)][t - turn.check["distance"]]
                     _count_answer(report, name, dialogue, t, reply.text, told_answer)
         # perplexity is always of the reference answers; the tokens processed are of the kept ones
-        kept_tokens = [len(engine.tokenizer.interaction(q, a)) - len(engine.tokenizer.prompt(q))
-                       for q, a in zip(queries, kept, strict=True)]
-        for (nll, count), stat_tokens, answer_tokens in zip(
-            engine.score(live, queries, answers), _prompt_tokens(engine, live, queries), kept_tokens, strict=True
+        for (nll, count), tokens in zip(
+            engine.score(live, queries, answers), tokens_read(engine, live, queries, kept), strict=True
         ):
             report.nll[name] += nll
             report.scored_tokens[name] += count
-            report.tokens_processed[name] += stat_tokens + answer_tokens
-        if engine.model_type == "rxt":  # the memory encoder reads every interaction
-            report.tokens_processed[name] += sum(
-                len(engine.tokenizer.interaction(q, a)) for q, a in zip(queries, kept, strict=True)
-            )
+            report.tokens_processed[name] += tokens
         engine.observe(live, queries, kept)
         for session, answer in zip(live, kept, strict=True):
             kept_by_session[id(session)].append(answer)
@@ -234,13 +228,25 @@ def _count_answer(report: RecallReport, name: str, dialogue: Dialogue, t: int, t
         report.mistakes.append(answer)
 
 
-def _prompt_tokens(engine: ChatEngine, sessions, queries) -> list[int]:
+def prompt_tokens(engine: ChatEngine, sessions, queries) -> list[int]:
+    """Tokens each model reads before its answer: the history it re-reads (stateless) and the prompt."""
     return [
         len(engine.context(s)) + len(engine.tokenizer.prompt(q))
         if hasattr(engine, "context")
         else len(engine.tokenizer.prompt(q))
         for s, q in zip(sessions, queries, strict=True)
     ]
+
+
+def tokens_read(engine: ChatEngine, sessions, queries, answers) -> list[int]:
+    """Tokens processed for one turn of each session, ``answers`` being the ones the history keeps: the
+    prompt with its history, the answer, and for RxT the memory encoder's reading of the interaction."""
+    tokens = []
+    for session_tokens, query, answer in zip(prompt_tokens(engine, sessions, queries), queries, answers, strict=True):
+        interaction = len(engine.tokenizer.interaction(query, answer))
+        tokens.append(session_tokens + interaction - len(engine.tokenizer.prompt(query))
+                      + (interaction if engine.model_type == "rxt" else 0))
+    return tokens
 
 
 def build_engines(
