@@ -57,6 +57,10 @@ def create_app(engine: ChatEngine, store: SessionStore, settings: ServeSettings,
     service = ChatService(engine, store, settings, metrics)
     metrics.add_gauge("rxt_active_sessions", "Sessions with a request running or queued in this process.",
                       lambda: service.locks.held())
+    metrics.add_gauge("rxt_batch_rows", "Turns being answered now (rows of the running batch with --max-batch > 1).",
+                      lambda: service.scheduler.rows if service.scheduler else service.answering - service.queued())
+    metrics.add_gauge("rxt_queued_turns", "Turns admitted that wait for a row (at most --max-queue).",
+                      service.queued)
     metrics.add_gauge("rxt_stored_sessions", "Sessions in the store (absent while the store is down).",
                       lambda: _or_none(store.count))
 
@@ -337,6 +341,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-threads", type=int, default=None,
                         help="turns generated at the same time (default: 1 on CPU, where PyTorch already uses "
                              f"every core for one turn; {defaults.model_threads} on GPU)")
+    parser.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                        help="RxT: turns of different sessions decoded together in one continuously refilled "
+                             f"batch (default {defaults.max_batch}); 1: one turn at a time per model thread")
+    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                        help="turns that may wait for a row; beyond this the server answers 429 with Retry-After "
+                             f"(default {defaults.max_queue})")
     parser.add_argument("--kv-cache-sessions", type=int, default=ServeSettings.kv_cache_sessions,
                         help="stateless models, cached mode: sessions whose KV cache this process keeps")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -351,6 +361,10 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--{name.replace('_', '-')} must be > 0")
     if args.model_threads is not None and args.model_threads < 1:
         return _fail("--model-threads must be >= 1")
+    if args.max_batch < 1:
+        return _fail("--max-batch must be >= 1")
+    if args.max_queue < 0:
+        return _fail("--max-queue must be >= 0")
     if args.kv_cache_sessions < 0:
         return _fail("--kv-cache-sessions must be >= 0")
 
@@ -384,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens, lock_ttl_s=args.lock_ttl_s,
         session_wait_s=args.session_wait_s,
         model_threads=args.model_threads or (1 if engine.device.type == "cpu" else ServeSettings.model_threads),
-        kv_cache_sessions=args.kv_cache_sessions,
+        kv_cache_sessions=args.kv_cache_sessions, max_batch=args.max_batch, max_queue=args.max_queue,
     )
     keys = list(args.api_key) + [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
     if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):

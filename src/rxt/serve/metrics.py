@@ -150,6 +150,8 @@ class ServerMetrics:
                                            "From the end of the answer to the new memory written to the store."))
         self.turns = add(Counter("rxt_turns_total", "Answered turns."))
         self.tokens = add(Counter("rxt_generated_tokens_total", "Answer tokens generated."))
+        self.queue_rejections = add(Counter("rxt_queue_rejections_total",
+                                            "Turns refused with 429 because --max-queue turns were waiting."))
         self.write_failures = add(Counter("rxt_memory_write_failures_total",
                                           "Memory updates that could not be written (the turn is not remembered)."))
 

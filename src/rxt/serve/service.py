@@ -25,9 +25,10 @@ from dataclasses import dataclass
 import anyio
 
 from rxt.baselines import StatelessEngine
-from rxt.engine import AnswerEvent, ChatEngine, TokenEvent
+from rxt.engine import AnswerEvent, ChatEngine, ReactiveEngine, TokenEvent
 from rxt.generation import SamplingConfig
 from rxt.serve.auth import same_owner
+from rxt.serve.batching import BatchScheduler
 from rxt.serve.errors import APIError, bad_request, session_not_found
 from rxt.serve.kv_caches import KVCacheKeeper
 from rxt.serve.locks import Lease, SessionLocks
@@ -51,7 +52,9 @@ class ServeSettings:
     lock_ttl_s: float = 30.0  # a session lock held by a killed process frees itself after this
     session_wait_s: float = 60.0  # how long a request waits for its session's earlier turn
     write_retry_s: float = 30.0  # how long a finished turn retries writing its memory while the store is down
-    model_threads: int = 4  # turns generated at the same time
+    model_threads: int = 4  # turns generated at the same time (max_batch 1: one turn per thread)
+    max_batch: int = 16  # RxT: turns of different sessions decoded together (continuous batching); 1: off
+    max_queue: int = 256  # turns waiting for a row beyond this are refused with 429
     kv_cache_sessions: int = 8  # stateless model, cached mode: sessions whose KV cache this process keeps
 
 
@@ -92,6 +95,10 @@ class ChatService:
             settings.max_state_bytes = 2 * len(initial.to_bytes()) + history + 65_536
         cached = self.stateless and engine.mode == "cached"
         self.kv_caches = KVCacheKeeper(settings.kv_cache_sessions) if cached else None
+        batched = isinstance(engine, ReactiveEngine) and settings.max_batch > 1
+        self.scheduler = BatchScheduler(engine, self.metrics, settings.max_batch) if batched else None
+        self.capacity = settings.max_batch if batched else settings.model_threads  # turns answered at once
+        self.answering = 0  # turns admitted and not yet answered (running or waiting for a row)
 
     # -- store access ----------------------------------------------------------------------------
     async def _store(self, method: Callable, *args):
@@ -214,10 +221,12 @@ class ChatService:
     async def start_turn(self, session_id: str | None, owner: str, query: str, sampling: SamplingConfig,
                          prompt_tokens: int, started: float) -> Turn:
         """Lock and load the session (a new one if ``session_id`` is None) and start answering."""
+        self._check_room()  # before a new session is stored or a lock waited for
         if session_id is None:  # stored first, so the id the client sees at once is valid at once
             session_id = (await self.create(owner))["id"]
         check_session_id(session_id)
         lease = await self.locks.acquire(session_id)
+        turn = Turn(session_id, prompt_tokens)
         try:
             stored = await self._owned(session_id, owner)
             session = self.decode(stored.state)
@@ -225,13 +234,38 @@ class ChatService:
             self._check_context(session, prompt_tokens, sampling.max_new_tokens)
             if self.kv_caches is not None:
                 self.kv_caches.attach(session)
+            self._admit()
+            answering = self._start_answer(turn, session, query, sampling, started)
         except BaseException:
             await lease.release()
             raise
-        turn = Turn(session_id, prompt_tokens)
-        work = self._run_turn(turn, session, stored, lease, query, sampling, started)
+        work = self._run_turn(turn, answering, session, stored, lease, started)
         self._keep(asyncio.get_running_loop().create_task(work))
         return turn
+
+    def _check_room(self) -> None:
+        """Refuse the turn (429) when --max-queue turns already wait for a row."""
+        if self.answering >= self.capacity + self.settings.max_queue:
+            self.metrics.queue_rejections.inc()
+            raise APIError(429, f"the server is busy: {self.settings.max_queue} turns are already waiting "
+                           "(--max-queue); retry shortly", "queue_full", type_="rate_limit_error",
+                           headers={"Retry-After": "1"})
+
+    def _admit(self) -> None:
+        self._check_room()  # again: other turns may have come in while this one waited for its session
+        self.answering += 1
+
+    def queued(self) -> int:
+        """Turns admitted that do not have a row yet."""
+        return max(0, self.answering - (self.scheduler.rows if self.scheduler else self.capacity))
+
+    def _start_answer(self, turn: Turn, session: Session, query: str, sampling: SamplingConfig,
+                      started: float) -> asyncio.Future:
+        """The batching scheduler, or (--max-batch 1, stateless models) one model thread per turn."""
+        if self.scheduler is not None:
+            return self.scheduler.submit(turn, session, query, sampling, started)
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self.executor, self._generate, turn, session, query, sampling, loop, started)
 
     def _check_context(self, session: Session, prompt_tokens: int, budget: int) -> None:
         """A stateless model re-reads its history: history, message and answer must fit its context."""
@@ -247,12 +281,13 @@ class ChatService:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def _run_turn(self, turn: Turn, session: Session, stored: StoredSession, lease: Lease, query: str,
-                        sampling: SamplingConfig, started: float) -> None:
-        loop = asyncio.get_running_loop()
+    async def _run_turn(self, turn: Turn, answering: asyncio.Future, session: Session, stored: StoredSession,
+                        lease: Lease, started: float) -> None:
         try:
-            answer = await loop.run_in_executor(self.executor, self._generate, turn, session, query, sampling,
-                                                loop, started)
+            try:
+                answer = await answering
+            finally:
+                self.answering -= 1
             if answer is None:
                 return  # the client left before the answer was complete: the turn is not remembered
             answered = time.perf_counter()
@@ -328,6 +363,8 @@ class ChatService:
             await asyncio.wait(list(self.background), timeout=timeout_s)
 
     def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
