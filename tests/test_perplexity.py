@@ -82,7 +82,11 @@ def test_eval_perplexity_cli(tmp_path, engines, capsys):
                  "--data", str(data), "--max-turns", "3", "--json", str(out), "--no-progress"]) == 0
     report = json.loads(out.read_text())
     assert set(report["by_turn"]) == {"1", "2", "3"}
-    assert set(report["params"]) == {"rxt", "stateless", "current_turn", "window"}
+    assert set(report["params"]) == {"rxt", "stateless", "current_turn", "window", "rxt_no_memory"}
+    # wiping the memory before each turn: turn 1 is the same, the encoder's reading is not counted
+    assert report["by_turn"]["1"]["rxt_no_memory"] == pytest.approx(report["by_turn"]["1"]["rxt"], rel=1e-5)
+    assert report["by_turn"]["3"]["rxt_no_memory"] != pytest.approx(report["by_turn"]["3"]["rxt"], rel=1e-5)
+    assert report["tokens_processed"]["rxt"] == 2 * report["tokens_processed"]["rxt_no_memory"]
     assert "8+" in capsys.readouterr().out
     assert main(["eval", "perplexity", "--model", str(tmp_path / "rxt"), "--data", str(tmp_path / "nope.jsonl")]) == 2
     assert main(["eval", "perplexity", "--model", str(tmp_path / "rxt"), "--data", str(data),

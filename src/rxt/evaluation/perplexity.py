@@ -8,6 +8,8 @@ Every model reads the same held-out dialogues turn by turn with the reference an
     current_turn  the stateless model reading the current query only (no memory at all)
     window        the stateless model reading as many recent history tokens as fit in the RxT's
                   memory's bytes (equal state)
+    rxt_no_memory the same RxT with its memory wiped before every turn: the control that separates
+                  what the memory carries from how good a language model the RxT's decoder is
 
 If the memory carries something, RxT's perplexity on later turns falls below the current-turn
 model's; the stateless model bounds what the full history is worth, at a cost that grows with
@@ -33,7 +35,7 @@ from tqdm import tqdm
 
 from rxt.data.dialogues import Dialogue
 from rxt.data.jsonl import DialogueList
-from rxt.engine import ChatEngine
+from rxt.engine import ChatEngine, ReactiveEngine
 from rxt.evaluation.recall import build_engines, tokens_read
 
 log = logging.getLogger(__name__)
@@ -86,9 +88,13 @@ def _label(low: int, high: int | None) -> str:
     return str(low) if high == low else f"{low}+" if high is None else f"{low}-{high}"
 
 
+NO_MEMORY = "rxt_no_memory"
+
+
 @torch.no_grad()
 def evaluate_perplexity(engines: dict[str, ChatEngine], dialogues: Sequence[Dialogue], batch_size: int = 8,
                         progress: bool = True) -> PerplexityReport:
+    """``engines`` may hold NO_MEMORY: an RxT engine whose sessions forget every turn."""
     report = PerplexityReport(list(engines))
     batches = [dialogues[i : i + batch_size] for i in range(0, len(dialogues), batch_size)]
     bar = tqdm(total=len(batches) * len(engines), desc="perplexity", disable=not progress)
@@ -106,14 +112,21 @@ def _run_batch(name: str, engine: ChatEngine, batch: Sequence[Dialogue], report:
         active = [(s, d.turns[t]) for s, d in zip(sessions, batch, strict=True) if t < len(d.turns)]
         live = [s for s, _ in active]
         queries, answers = [x.query for _, x in active], [x.answer for _, x in active]
-        read = tokens_read(engine, live, queries, answers)  # RxT: the memory encoder reads each turn once more
+        if name == NO_MEMORY:  # a fresh memory each turn: only the decoder's reading counts
+            for session in live:
+                engine.reset(session)
+            read = [n - len(engine.tokenizer.interaction(q, a)) for n, q, a in
+                    zip(tokens_read(engine, live, queries, answers), queries, answers, strict=True)]
+        else:
+            read = tokens_read(engine, live, queries, answers)  # RxT: the memory encoder reads each turn once more
         for (nll, count), tokens in zip(engine.score(live, queries, answers), read, strict=True):
             report.nll[name][t + 1] += nll
             report.count[name][t + 1] += count
             report.processed[name][t + 1] += tokens
         if name == report.models[0]:
             report.answers[t + 1] += len(active)
-        engine.observe(live, queries, answers)
+        if name != NO_MEMORY:
+            engine.observe(live, queries, answers)
         for session in live:
             session.wait()
             report.state[name][t + 1].append(engine.state_bytes(session))
@@ -159,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
     dialogues = DialogueList.read(args.data, args.max_turns, args.max_chars).dialogues
     dialogues = dialogues[: args.dialogues] if args.dialogues else dialogues
     engines = build_engines(args.model, args.baseline)
+    if "rxt" in engines:  # the same model and weights, its memory wiped every turn
+        engines[NO_MEMORY] = ReactiveEngine(engines["rxt"].model, engines["rxt"].tokenizer)
     data = evaluate_perplexity(engines, dialogues, args.batch_size, progress=not args.no_progress).to_dict()
     data["params"] = {name: engine.model.num_parameters() for name, engine in engines.items()}
     data["data"], data["max_turns"], data["max_chars"] = args.data, args.max_turns, args.max_chars
