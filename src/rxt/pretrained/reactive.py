@@ -1,0 +1,336 @@
+"""A pretrained decoder made reactive: memory cross-attention in some of its layers, a memory path, an STM.
+
+The base is an imported ``StatelessLM`` (e.g. SmolLM2-135M-Instruct, see docs/import.md). Its weights
+stay frozen; what is new is small and ships as an adapter that names its base by sha256:
+
+    decoder layer l in memory_layers:  x = x + SelfAttn(norm(x))          (pretrained, frozen)
+                                       x = x + MemCrossAttn(norm(x), STM_i) (new; W_O = 0 at the start)
+                                       x = x + FFN(norm(x))                (pretrained, frozen)
+    encode:       ED_i = the decoder's own hidden state after layer memory_layers[i] over concat(X_t, Y_t)
+    consolidate:  STM_t = MemoryAttention(STM_{t-1}, ED_t)                (rxt.memory, SQA heads)
+
+The cross-attention's output projection starts at zero, so before any training the model adds exactly
+0.0 to the residual stream: its logits are the base model's, bit for bit, whatever the memory holds.
+The memory encoder is the decoder itself (docs/reactive-pretrained.md argues the choice with
+measurements): in training, the teacher-forced pass over a turn gives both its loss and its ED.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rxt.attention import Attention, KVCache
+from rxt.config import ModelConfig
+from rxt.layers import RMSNorm
+from rxt.memory import MemoryAttention, ShortTermMemory, positions_from_mask
+from rxt.model import StatelessLM, _init_weights
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ReactiveConfig", "ReactivePretrained", "base_sha256"]
+
+ADAPTER_FORMAT = 1
+ADAPTER_WEIGHTS, ADAPTER_META = "adapter.safetensors", "adapter.json"
+MemoryKV = list[tuple[torch.Tensor, torch.Tensor] | None]  # per decoder layer; None where it has no memory
+
+
+@dataclass
+class ReactiveConfig:
+    """What the reactive wrapper adds to a pretrained decoder. Kept apart from ModelConfig: the base's
+    config (and with it every saved model's identity) does not change."""
+
+    memory_layers: list[int] = field(default_factory=lambda: list(range(2, 30, 3)))  # every 3rd of 30
+    # SQA where it pays: 3 of SmolLM2's 9 query heads of 64 -> a third of MHA's attention FLOPs in the
+    # new cross-attention and in the memory attention
+    cross_n_q_heads: int = 3
+    cross_n_kv_heads: int = 3
+    stm_slots: int = 64  # per memory layer
+    memory_attention: str = "simple"  # a variant of rxt.memory; the others add a pre-step attention per layer
+    memory_write: str = "queue"  # each turn fills write_slots new slots; the oldest drop out
+    write_slots: int = 8  # stm_slots / write_slots = 8 turns kept
+    gate_mode: str = "elementwise"  # for memory_write "attention" / "competitive"
+    stm_init_std: float = 0.02
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReactiveConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown reactive config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+    def memory_config(self, base: ModelConfig) -> ModelConfig:
+        """The ModelConfig rxt's memory pieces are built from: the base's width, one layer per memory layer."""
+        return dataclasses.replace(
+            base,
+            n_layers=len(self.memory_layers),
+            cross_n_q_heads=self.cross_n_q_heads,
+            cross_n_kv_heads=self.cross_n_kv_heads,
+            stm_slots=self.stm_slots,
+            stm_init="normal",
+            stm_init_std=self.stm_init_std,
+            memory_attention=self.memory_attention,
+            memory_write=self.memory_write,
+            write_slots=self.write_slots if self.memory_write == "queue" else 0,
+            gate_mode=self.gate_mode,
+            moe_experts=0,
+            dropout=0.0,
+        )
+
+
+class ReactivePretrained(nn.Module):
+    """RxT around a frozen pretrained StatelessLM. Has the interface ReactiveEngine drives
+    (initial_memory, project_memory, decode, update_memory, identity), so `rxt chat` can run it.
+
+    The base is taken over: the chosen decoder layers gain the memory cross-attention sub-block that
+    rxt's DecoderLayer already has (memory_norm + memory_cross_attention, queries rotated only).
+    """
+
+    model_type = "rxt-pretrained"
+
+    def __init__(self, base: StatelessLM, config: ReactiveConfig | None = None, base_sha256: str = ""):
+        super().__init__()
+        config = config or ReactiveConfig()
+        n_layers = base.config.n_layers
+        if not config.memory_layers or any(not 0 <= i < n_layers for i in config.memory_layers):
+            raise ValueError(f"memory_layers must be a non-empty list of layers in 0..{n_layers - 1}, "
+                             f"got {config.memory_layers}")
+        if sorted(set(config.memory_layers)) != list(config.memory_layers):
+            raise ValueError(f"memory_layers must be increasing and distinct, got {config.memory_layers}")
+        self.config, self.base_sha256 = config, base_sha256
+        self.memory_config = config.memory_config(base.config)
+        self.base_keys = frozenset(f"base.{name}" for name in base.state_dict())
+        base.requires_grad_(False)
+        self.base = base
+        self.tokenizer = base.tokenizer
+        rotary = base.decoder.layers[0].self_attention.rotary
+        c = self.memory_config
+        for i in config.memory_layers:
+            layer = base.decoder.layers[i]
+            layer.memory_norm = RMSNorm(c.d_model, c.norm_eps)
+            layer.memory_cross_attention = Attention(
+                c.d_model, c.n_heads, c.cross_n_q_heads, c.cross_n_kv_heads, "q", c.attn_impl, rotary
+            )
+        self.memory_attention = MemoryAttention(c, rotary)
+        self.stm = ShortTermMemory(c)
+        for module in self.new_modules():
+            module.apply(_init_weights)
+        for i in config.memory_layers:  # the model's output is exactly the base's until this is trained
+            nn.init.zeros_(base.decoder.layers[i].memory_cross_attention.o_proj.weight)
+
+    def new_modules(self) -> list[nn.Module]:
+        layers = self.base.decoder.layers
+        readers = [layers[i].memory_cross_attention for i in self.config.memory_layers]
+        norms = [layers[i].memory_norm for i in self.config.memory_layers]
+        return [*readers, *norms, self.memory_attention]
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.base.decoder
+
+    # -- the turn cycle ------------------------------------------------------------------------------
+    def initial_memory(self, batch_size: int = 1) -> torch.Tensor:
+        """STM_0: (L_mem, B, S, D), one layer per memory layer."""
+        return self.stm.initial(batch_size)
+
+    def project_memory(self, stm: torch.Tensor) -> MemoryKV:
+        """Cross-attention K/V of every decoder layer (None where it reads no memory), once per turn."""
+        kv: MemoryKV = [None] * len(self.decoder.layers)
+        for slot, i in enumerate(self.config.memory_layers):
+            kv[i] = self.decoder.layers[i].project_memory(stm[slot])
+        return kv
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        memory_kv: MemoryKV,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The decoder over input_ids (B, T): normed final states (B, T, D) and the hidden states after
+        each memory layer (L_mem tensors (B, T, D)), which are the turn's encoded data ED."""
+        x = self.base.embedding(input_ids)
+        if positions is None:
+            start = caches[0].length if caches else 0
+            positions = torch.arange(start, start + x.shape[1], device=x.device)
+        states = []
+        for i, layer in enumerate(self.decoder.layers):
+            x = layer(x, positions, key_mask, memory_kv[i], caches[i] if caches is not None else None)
+            if memory_kv[i] is not None:
+                states.append(x)
+        return self.decoder.norm(x), states
+
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        stm: torch.Tensor | None = None,
+        memory_kv: MemoryKV | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) reading the memory (stm, or its precomputed K/V); kwargs as Decoder.forward."""
+        if memory_kv is None:
+            if stm is None:
+                raise ValueError("decode needs the memory: pass stm or memory_kv")
+            memory_kv = self.project_memory(stm)
+        return self.base.logits(self.run(input_ids, memory_kv, **kwargs)[0])
+
+    def read_turn(
+        self, input_ids: torch.Tensor, stm: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One teacher-forced pass over a whole interaction: its logits (B, T, V) and its ED."""
+        positions = positions_from_mask(key_mask) if key_mask is not None else None
+        hidden, encoded = self.run(input_ids, self.project_memory(stm), positions, key_mask)
+        return self.base.logits(hidden), encoded
+
+    def encode(
+        self, input_ids: torch.Tensor, stm: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """ED_t: the decoder's hidden states of concat(X_t, Y_t) after each memory layer, reading STM_{t-1}
+        as generation did (no output head: the logits are not needed)."""
+        positions = positions_from_mask(key_mask) if key_mask is not None else None
+        return self.run(input_ids, self.project_memory(stm), positions, key_mask)[1]
+
+    def consolidate(
+        self, stm: torch.Tensor, encoded: list[torch.Tensor], ed_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """STM_t = MemoryAttention(STM_{t-1}, ED_t): (L_mem, B, S, D)."""
+        return self.memory_attention(stm, encoded, ed_mask)
+
+    def update_memory(
+        self, stm: torch.Tensor, interaction_ids: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Steps 2-3 of the turn cycle (what ReactiveEngine runs in the background)."""
+        return self.consolidate(stm, self.encode(interaction_ids, stm, key_mask), key_mask)
+
+    # -- the adapter ---------------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything that is not the base's: cross-attention, memory attention, STM init."""
+        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k not in self.base_keys}
+
+    def save_adapter(self, directory: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+        """adapter.safetensors (the new weights only, stored as ``dtype``; they load back into fp32) +
+        adapter.json (the reactive config and the base's sha256). bf16 halves the file: SmolLM2's adapter
+        with memory in every 3rd layer is 18.5 MB instead of 37 MB."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / (ADAPTER_WEIGHTS + ".tmp")
+        state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in self.adapter_state_dict().items()}
+        save_file(state, str(tmp), metadata={"model_type": self.model_type})
+        tmp.replace(directory / ADAPTER_WEIGHTS)
+        meta = {
+            "format": ADAPTER_FORMAT,
+            "model_type": self.model_type,
+            "base_sha256": self.base_sha256,
+            "reactive": self.config.to_dict(),
+            "dtype": str(dtype).removeprefix("torch."),
+            "parameters": sum(t.numel() for t in self.adapter_state_dict().values()),
+        }
+        (directory / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls, adapter_dir: str | Path, base_dir: str | Path, device: str | torch.device = "cpu"
+    ) -> ReactivePretrained:
+        """Assemble base + adapter; refuse a base whose sha256 is not the one the adapter names."""
+        adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
+        for name in (ADAPTER_META, ADAPTER_WEIGHTS):
+            if not (adapter_dir / name).is_file():
+                raise FileNotFoundError(f"{adapter_dir} is not a reactive adapter directory: {name} is missing")
+        meta = json.loads((adapter_dir / ADAPTER_META).read_text())
+        if meta.get("format") != ADAPTER_FORMAT or meta.get("model_type") != cls.model_type:
+            raise ValueError(f"{adapter_dir}/{ADAPTER_META}: unsupported adapter (format {meta.get('format')!r}, "
+                             f"model_type {meta.get('model_type')!r})")
+        found = base_sha256(base_dir)
+        if found != meta["base_sha256"]:
+            raise ValueError(f"{base_dir} is not this adapter's base: the adapter names base sha256 "
+                             f"{meta['base_sha256']}, the directory has {found}")
+        model = cls(StatelessLM.from_pretrained(base_dir), ReactiveConfig.from_dict(meta["reactive"]), found)
+        state = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+        expected = model.adapter_state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{adapter_dir}: adapter does not fit its config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        for name, tensor in state.items():
+            if tensor.shape != expected[name].shape:
+                raise ValueError(f"{adapter_dir}: shape mismatch for {name}: file {tuple(tensor.shape)}, "
+                                 f"config {tuple(expected[name].shape)}")
+        model.load_state_dict(state, strict=False)  # copied into the fp32 parameters
+        return model.to(device).eval()
+
+    @classmethod
+    def from_base(cls, base_dir: str | Path, config: ReactiveConfig | None = None) -> ReactivePretrained:
+        """A fresh (untrained) reactive model around the StatelessLM directory ``base_dir``."""
+        return cls(StatelessLM.from_pretrained(base_dir), config, base_sha256(base_dir))
+
+    def identity(self) -> str:
+        """The base's sha256 and the adapter's weights: sessions are only valid for the model that made them."""
+        digest = hashlib.sha256(self.model_type.encode())
+        digest.update(self.base_sha256.encode())
+        digest.update(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for name, tensor in sorted(self.adapter_state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.float().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def base_sha256(base_dir: str | Path) -> str:
+    """A base model directory's identity: the sha256 its import.json records for the file it was imported
+    from (rxt import gguf writes it), else the sha256 of its model.safetensors."""
+    base_dir = Path(base_dir)
+    record = base_dir / "import.json"
+    if record.is_file():
+        sha = json.loads(record.read_text()).get("sha256")
+        if sha:
+            return str(sha)
+    weights = base_dir / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{base_dir} is not an rxt model directory: model.safetensors is missing")
+    digest = hashlib.sha256()
+    with weights.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def answer_loss(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over the answer tokens only. answer_mask: (B, T) True where a token is
+    part of the answer (its prediction from the previous position counts)."""
+    targets = input_ids[:, 1:].masked_fill(~answer_mask[:, 1:], -100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def dialogue_loss(
+    model: ReactivePretrained, turns: list[tuple[torch.Tensor, torch.Tensor]], detach_memory: bool = False
+) -> torch.Tensor:
+    """Supervised memory-aware loss over one dialogue (batch of B dialogues of the same turn count):
+    turns are (input_ids (B, T_t), answer_mask (B, T_t)) of concat(X_t, Y_t). Each turn's single pass
+    gives its loss and its ED; the memory it writes is what the next turn reads."""
+    stm = model.initial_memory(turns[0][0].shape[0]).to(turns[0][0].device)
+    losses = []
+    for input_ids, answer_mask in turns:
+        logits, encoded = model.read_turn(input_ids, stm)
+        losses.append(answer_loss(logits, input_ids, answer_mask))
+        stm = model.consolidate(stm, encoded)
+        if detach_memory:
+            stm = stm.detach()
+    return torch.stack(losses).mean()

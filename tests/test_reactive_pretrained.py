@@ -1,0 +1,237 @@
+"""A pretrained decoder made reactive: exact base logits before training, gradient to the new weights
+only, the adapter round trip and its base check, the STM over turns, ReactiveEngine driving it; and,
+slow, the exact-logits check and the adapter size on the real SmolLM2-135M-Instruct."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from rxt.engine import ReactiveEngine
+from rxt.generation import SamplingConfig, left_pad
+from rxt.model import StatelessLM
+from rxt.pretrained.reactive import ReactiveConfig, ReactivePretrained, base_sha256, dialogue_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# llama layout: GQA self-attention (4 query heads, 2 KV heads); memory in layers 1 and 3 of 4
+BASE = dict(n_layers=4, n_q_heads=4, n_kv_heads=2, rope_theta=500.0, norm_eps=1e-5)
+REACTIVE = ReactiveConfig(memory_layers=[1, 3], cross_n_q_heads=2, cross_n_kv_heads=2, stm_slots=8, write_slots=2)
+PROMPTS = ["Hi, my name is Ada and I live in Oslo.", "What is the name of my cat?", "Remember: 42."]
+
+
+@pytest.fixture
+def base(make_tiny_model) -> StatelessLM:
+    return make_tiny_model(StatelessLM, seed=1, **BASE)
+
+
+def reactive(base: StatelessLM, config: ReactiveConfig = REACTIVE, sha: str = "") -> ReactivePretrained:
+    torch.manual_seed(0)
+    return ReactivePretrained(copy.deepcopy(base), config, sha).eval()
+
+
+def batch(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    return left_pad([tokenizer.interaction(t, "Yes, noted.") for t in texts], tokenizer.pad_id, torch.device("cpu"))
+
+
+def dialogue_turns(tokenizer, dialogue: list[tuple[str, str]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids (1, T), answer_mask (1, T)) of each turn, as dialogue_loss takes them."""
+    turns = []
+    for query, answer in dialogue:
+        prompt, ids = tokenizer.prompt(query), tokenizer.interaction(query, answer)
+        turns.append((torch.tensor([ids]), torch.tensor([[i >= len(prompt) for i in range(len(ids))]])))
+    return turns
+
+
+def random_memory(model: ReactivePretrained, batch_size: int) -> torch.Tensor:
+    return torch.randn_like(model.initial_memory(batch_size))
+
+
+def test_logits_equal_the_base_exactly_before_training(base):
+    model = reactive(base)
+    tok = base.tokenizer
+    for text in PROMPTS:  # one prompt at a time, each with a memory that holds something
+        ids = torch.tensor([tok.interaction(text, "Sure.")])
+        assert torch.equal(model.decode(ids, stm=random_memory(model, 1)), base.decode(ids))
+    ids, mask = batch(tok, PROMPTS)  # left-padded batch, per-row positions
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    stm = model.update_memory(model.initial_memory(3), ids, mask)  # a memory written by a turn
+    assert torch.equal(
+        model.decode(ids, stm=stm, key_mask=mask, positions=positions),
+        base.decode(ids, key_mask=mask, positions=positions),
+    )
+
+
+def test_the_memory_is_read_once_the_output_projection_moves(base):
+    """The exactness above is not the memory being ignored: W_O = 0 is the only thing that hides it."""
+    model = reactive(base)
+    with torch.no_grad():
+        for i in REACTIVE.memory_layers:
+            model.decoder.layers[i].memory_cross_attention.o_proj.weight.normal_(0.0, 0.2)
+    ids = torch.tensor([base.tokenizer.interaction(PROMPTS[0], "Sure.")])
+    one, other = model.decode(ids, stm=random_memory(model, 1)), model.decode(ids, stm=random_memory(model, 1))
+    assert not torch.allclose(one, other)
+    assert not torch.allclose(one, base.decode(ids))
+
+
+def test_only_the_new_weights_are_trainable_and_all_of_them_get_a_gradient(base):
+    model = reactive(base)
+    with torch.no_grad():  # from a zero W_O nothing upstream of it moves in the first step
+        for i in REACTIVE.memory_layers:
+            model.decoder.layers[i].memory_cross_attention.o_proj.weight.normal_(0.0, 0.02)
+    model.train()
+    turns = dialogue_turns(base.tokenizer, [("My cat is Bo.", "Noted."), ("What is my cat called?", "Bo.")])
+    dialogue_loss(model, turns).backward()
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(not name.startswith("base.") or "memory_" in name for name in trainable)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values()), [
+        name for name, p in trainable.items() if p.grad is None or p.grad.abs().sum() == 0
+    ]
+    frozen = [p for name, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(p.grad is None for p in frozen)
+    assert model.num_parameters(trainable_only=True) == sum(p.numel() for p in trainable.values())
+
+
+def test_the_memory_changes_with_each_turn_and_keeps_its_shape(base):
+    model = reactive(base)
+    stm = model.initial_memory(3)
+    for turn in range(5):
+        ids, mask = batch(base.tokenizer, [f"{p} Turn {turn}." for p in PROMPTS])
+        with torch.no_grad():
+            new = model.update_memory(stm, ids, mask)
+        assert new.shape == stm.shape == (2, 3, REACTIVE.stm_slots, base.config.d_model)
+        assert not torch.equal(new, stm)
+        stm = new
+
+
+def test_reactive_engine_runs_it_turn_by_turn(base):
+    engine = ReactiveEngine(reactive(base))
+    try:
+        session = engine.new_session()
+        first = session.tensors["stm"].clone()
+        sampling = SamplingConfig(max_new_tokens=5)
+        for query in PROMPTS:
+            answer = engine.interact(session, query, sampling)
+            assert answer.stats.answer_tokens >= 1
+        session.wait()
+        assert session.turns == 3 and session.tensors["stm"].shape == first.shape
+        assert not torch.equal(session.tensors["stm"], first)
+        # before training the answer is the base model's own greedy answer, whatever the memory holds
+        stateless = ReactiveEngine(reactive(base))
+        fresh = stateless.new_session()
+        assert stateless.interact(fresh, PROMPTS[0], sampling).token_ids == engine.interact(
+            session, PROMPTS[0], sampling
+        ).token_ids
+        stateless.close()
+    finally:
+        engine.close()
+
+
+def test_adapter_round_trip_holds_only_the_new_weights(base, tmp_path):
+    base_dir = base.save_pretrained(tmp_path / "base")
+    model = reactive(base, sha=base_sha256(base_dir))
+    with torch.no_grad():  # "trained": every new weight differs from a fresh build's
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    adapter_dir = model.save_adapter(tmp_path / "adapter", dtype=torch.float32)
+    meta = json.loads((adapter_dir / "adapter.json").read_text())
+    assert meta["base_sha256"] == base_sha256(base_dir) and meta["reactive"]["memory_layers"] == [1, 3]
+    saved = set(model.adapter_state_dict())
+    assert saved and not saved & model.base_keys
+    loaded = ReactivePretrained.from_pretrained(adapter_dir, base_dir)
+    assert loaded.identity() == model.identity()
+    ids, mask = batch(base.tokenizer, PROMPTS)
+    stm = random_memory(model, 3)
+    assert torch.equal(loaded.decode(ids, stm=stm, key_mask=mask), model.decode(ids, stm=stm, key_mask=mask))
+    assert torch.equal(loaded.update_memory(stm, ids, mask), model.update_memory(stm, ids, mask))
+    # the default bf16 file holds the same weights rounded to bf16, loaded back into fp32 parameters
+    half = ReactivePretrained.from_pretrained(model.save_adapter(tmp_path / "bf16"), base_dir)
+    for name, tensor in half.adapter_state_dict().items():
+        assert tensor.dtype == torch.float32
+        assert torch.equal(tensor, model.adapter_state_dict()[name].to(torch.bfloat16).float())
+
+
+def test_a_base_that_is_not_the_adapters_is_refused(base, make_tiny_model, tmp_path):
+    base_dir = base.save_pretrained(tmp_path / "base")
+    adapter_dir = reactive(base, sha=base_sha256(base_dir)).save_adapter(tmp_path / "adapter")
+    other_dir = make_tiny_model(StatelessLM, seed=2, **BASE).save_pretrained(tmp_path / "other")
+    expected, found = base_sha256(base_dir), base_sha256(other_dir)
+    assert expected != found
+    with pytest.raises(ValueError, match=f"names base sha256 {expected}.*has {found}"):
+        ReactivePretrained.from_pretrained(adapter_dir, other_dir)
+    # an imported base is named by the sha256 of the file it came from, as import.json records it
+    (base_dir / "import.json").write_text(json.dumps({"format": "gguf", "sha256": "f" * 64}))
+    assert base_sha256(base_dir) == "f" * 64
+    with pytest.raises(ValueError, match="f" * 64):
+        ReactivePretrained.from_pretrained(adapter_dir, base_dir)
+
+
+def test_bad_memory_layers_are_refused(base):
+    for layers in ([], [4], [3, 1], [1, 1]):
+        with pytest.raises(ValueError, match="memory_layers"):
+            ReactivePretrained(copy.deepcopy(base), dataclasses.replace(REACTIVE, memory_layers=layers))
+
+
+def test_a_few_steps_on_fact_dialogues_lower_the_loss(base):
+    model = reactive(base)
+    names = ("Ada", "Bo", "Chen")
+    dialogues = [[(f"My cat is {n}.", "Noted."), ("What is my cat called?", f"{n}.")] for n in names]
+    data = [dialogue_turns(base.tokenizer, d) for d in dialogues]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+
+    def total() -> float:
+        with torch.no_grad():
+            return sum(float(dialogue_loss(model, d)) for d in data)
+
+    before = total()
+    for _ in range(8):
+        for d in data:
+            optimizer.zero_grad()
+            dialogue_loss(model, d).backward()
+            optimizer.step()
+    assert total() < before
+
+
+SMOLLM2_GGUF = Path("data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory) -> Path:
+    ready = os.environ.get("RXT_SMOLLM2_DIR")  # an imported directory, to skip the 10 s import
+    if ready and (Path(ready) / "model.safetensors").is_file():
+        return Path(ready)
+    if not SMOLLM2_GGUF.is_file():
+        pytest.skip(f"{SMOLLM2_GGUF} is missing: rxt data fetch smollm2")
+    from rxt.pretrained.gguf import import_gguf
+
+    out = tmp_path_factory.mktemp("smollm2")
+    import_gguf(SMOLLM2_GGUF, out)
+    return out
+
+
+@pytest.mark.slow
+def test_smollm2_reactive_logits_equal_the_base_and_the_adapter_is_small(smollm2_dir, tmp_path):
+    base = StatelessLM.from_pretrained(smollm2_dir)
+    model = ReactivePretrained.from_base(smollm2_dir)  # memory in every 3rd layer: 2, 5, ..., 29
+    tok = base.tokenizer
+    prompts = ["What is the capital of France?", "My name is Ada and my cat is called Bo.", "Tell me a joke."]
+    with torch.no_grad():
+        ids, mask = left_pad([tok.prompt(p) for p in prompts], tok.pad_id, torch.device("cpu"))
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        stm = model.update_memory(model.initial_memory(3), *batch(tok, prompts))
+        got = model.decode(ids, stm=stm, key_mask=mask, positions=positions)
+        want = base.decode(ids, key_mask=mask, positions=positions)
+    assert torch.equal(got, want)
+    adapter = model.save_adapter(tmp_path / "adapter") / "adapter.safetensors"
+    assert adapter.stat().st_size <= 20 * 10**6
+    loaded = ReactivePretrained.from_pretrained(tmp_path / "adapter", smollm2_dir)
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(ids, stm=stm, key_mask=mask, positions=positions), want)
