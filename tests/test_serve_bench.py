@@ -49,3 +49,12 @@ def test_bench_spawns_its_own_server(model_dir, capsys):
                      "--max-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "4 ok, 0 failed" in out and "spawned" in out
+
+
+def test_bench_compares_max_batch_settings_in_one_run(model_dir, tmp_path, capsys):
+    assert cli_main(["bench", "serve", "--spawn-model", str(model_dir), "--sessions", "3", "--turns", "2",
+                     "--max-tokens", "4", "--max-batch", "1,4", "--json", str(tmp_path / "runs.json")]) == 0
+    runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
+    assert [r["max_batch"] for r in runs] == [1, 4] and all(r["turns_ok"] == 6 for r in runs)
+    assert "--max-batch 4" in runs[1]["server"] and "vs first" in capsys.readouterr().out
+    assert cli_main(["bench", "serve", "--sessions", "1", "--max-batch", "4"]) == 2  # needs --spawn-model

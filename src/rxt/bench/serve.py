@@ -2,6 +2,7 @@
 
     rxt bench serve --url http://127.0.0.1:8000 --sessions 16 --turns 8 --max-tokens 32 --json out.json
     rxt bench serve --spawn-model models/nano/rxt --sessions 16 --turns 8     # starts its own server
+    rxt bench serve --spawn-model models/nano/rxt --sessions 64 --max-batch 1,16,64  # one server each, back to back
 
 Each conversation runs its turns one after another (a turn needs the memory of the one before);
 the conversations run at the same time, one thread each. Time to first token is measured at the
@@ -154,6 +155,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--api-key", help="bearer key, if the server wants one")
     parser.add_argument("--timeout-s", type=float, default=120.0, help="per request")
+    parser.add_argument("--max-batch", metavar="N[,N...]",
+                        help="with --spawn-model: start the server with --max-batch N, once per value, one after "
+                             "another in the same run (e.g. 1,16: one turn at a time vs batched)")
     parser.add_argument("--json", metavar="FILE", help="also write the full report (every turn) as JSON")
 
 
@@ -161,28 +165,51 @@ def run(args: argparse.Namespace) -> int:
     if args.sessions < 1 or args.turns < 1 or args.max_tokens < 1:
         print("rxt bench serve: --sessions, --turns and --max-tokens must be >= 1", file=sys.stderr)
         return 2
+    try:
+        batches = [int(n) for n in args.max_batch.split(",")] if args.max_batch else [None]
+    except ValueError:
+        batches = [0]
+    if any(n is not None and n < 1 for n in batches) or (args.max_batch and not args.spawn_model):
+        print("rxt bench serve: --max-batch takes numbers >= 1, with --spawn-model", file=sys.stderr)
+        return 2
     if args.spawn_model:
-        report = _run_spawned(args)
+        reports = [_run_spawned(args, n) for n in batches]
     else:
-        report = run_load(args.url, args.sessions, args.turns, args.max_tokens, args.api_key, args.timeout_s)
-    print(format_report(report))
+        reports = [run_load(args.url, args.sessions, args.turns, args.max_tokens, args.api_key, args.timeout_s)]
+    print("\n".join(format_report(r) for r in reports))
+    if len(reports) > 1:
+        print(format_comparison(reports))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        out = reports[0] if len(reports) == 1 else {"runs": reports}
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}")
-    return 0 if report["turns_ok"] else 1
+    return 0 if all(r["turns_ok"] for r in reports) else 1
 
 
-def _run_spawned(args: argparse.Namespace) -> dict:
+def format_comparison(reports: list[dict]) -> str:
+    """One line per server setting, throughput relative to the first."""
+    base = reports[0]["turns_per_s"]
+    lines = ["  max_batch  turns/s  vs first  1st token p50 / p99 ms  failed"]
+    for r in reports:
+        lines.append(f"  {r.get('max_batch') or '-':>9}  {r['turns_per_s']:7.2f}  {r['turns_per_s'] / base:7.1f}x"
+                     f"  {r['first_token_p50_s'] * 1000:10.1f} / {r['first_token_p99_s'] * 1000:7.1f}"
+                     f"  {r['turns_failed']:6d}")
+    return "\n".join(lines)
+
+
+def _run_spawned(args: argparse.Namespace, max_batch: int | None = None) -> dict:
     from rxt.serve.app import KEYS_ENV
     from rxt.serve.launch import ServerProcess
 
     with tempfile.TemporaryDirectory(prefix="rxt-bench-serve-") as tmp:
         store = args.store or f"sqlite:///{Path(tmp) / 'sessions.db'}"
         server_args = ["--max-tokens-limit", str(args.max_tokens)]
+        if max_batch is not None:
+            server_args += ["--max-batch", str(max_batch)]
         env = {KEYS_ENV: args.api_key} if args.api_key else {}  # not on the command line: ps shows that
         with ServerProcess(args.spawn_model, store, args=server_args, env=env,
                            log_path=Path(tmp) / "server.log") as server:
             report = run_load(server.url, args.sessions, args.turns, args.max_tokens, args.api_key, args.timeout_s)
-        report["server"] = f"spawned: rxt serve --model {args.spawn_model} --store {store}"
+        report["server"] = f"spawned: rxt serve --model {args.spawn_model} --store {store} {' '.join(server_args)}"
+        report["max_batch"] = max_batch
         return report
-

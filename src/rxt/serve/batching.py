@@ -21,6 +21,7 @@ import collections
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,7 @@ from rxt.engine import AnswerEvent, ReactiveEngine, TokenEvent
 from rxt.generation import SamplingConfig, left_pad, sample_next
 from rxt.model import positions_from_mask
 from rxt.serve.metrics import ServerMetrics
-from rxt.session import Session
+from rxt.session import Session, TurnStats
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +56,38 @@ class Row:
     def ended(self, end_id: int) -> bool:
         return bool(self.answer) and (self.answer[-1] == end_id or len(self.answer) >= self.sampling.max_new_tokens)
 
-    def send(self, event: TokenEvent) -> None:
-        _call(self.loop, self.turn.queue.put_nowait, event)
 
-    def resolve(self, value: AnswerEvent | BaseException | None) -> None:
-        setter = self.result.set_exception if isinstance(value, BaseException) else self.result.set_result
-        _call(self.loop, _settle, self.result, setter, value)
+class Outbox:
+    """What one step tells the clients (tokens, results), handed to each event loop in one wake-up."""
+
+    def __init__(self) -> None:
+        self._calls: dict[asyncio.AbstractEventLoop, list[tuple]] = {}
+
+    def send(self, row: Row, event: TokenEvent) -> None:
+        self._calls.setdefault(row.loop, []).append((row.turn.queue.put_nowait, event))
+
+    def resolve(self, row: Row, value: AnswerEvent | BaseException | None) -> None:
+        future = row.result
+        setter = future.set_exception if isinstance(value, BaseException) else future.set_result
+        self._calls.setdefault(row.loop, []).append((_settle, future, setter, value))
+
+    def deliver(self) -> None:
+        calls, self._calls = self._calls, {}
+        for loop, items in calls.items():
+            try:
+                loop.call_soon_threadsafe(_run_all, items)
+            except RuntimeError:  # the event loop is closed: the server is gone, nobody is listening
+                pass
+
+
+def _run_all(calls: list[tuple]) -> None:
+    for function, *args in calls:
+        function(*args)
 
 
 def _settle(future: asyncio.Future, setter, value) -> None:
     if not future.done():
         setter(value)
-
-
-def _call(loop: asyncio.AbstractEventLoop, function, *args) -> None:
-    try:
-        loop.call_soon_threadsafe(function, *args)
-    except RuntimeError:  # the event loop is closed: the server is gone, nobody is listening
-        pass
 
 
 class RunningBatch:
@@ -132,6 +147,58 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
+class MemoryUpdates:
+    """Finished turns share memory updates: while the engine's worker runs one, the turns that finish
+    meanwhile wait here and go together when it ends (fewer, larger batches, each off the answer path).
+
+    A waiting session's ``pending`` is a placeholder future, so ``session.wait()`` (and ``to_bytes``)
+    block until the update that carries its turn has written the new STM.
+    """
+
+    def __init__(self, engine: ReactiveEngine):
+        self.engine = engine
+        self._lock = threading.RLock()  # a callback added to a future already done runs at once, lock held
+        self._waiting: list[tuple[Session, list[int], TurnStats, Future]] = []
+        self._running = False
+
+    def add(self, sessions: list[Session], interactions: list[list[int]], stats: list[TurnStats]) -> None:
+        with self._lock:
+            for session, interaction, stat in zip(sessions, interactions, stats, strict=True):
+                session.pending = Future()
+                self._waiting.append((session, interaction, stat, session.pending))
+            if not self._running:
+                self._start()
+
+    def _start(self) -> None:
+        """Hand every waiting turn to the engine's worker as one batch (called with the lock held)."""
+        items, self._waiting = self._waiting, []
+        self._running = bool(items)
+        if not items:
+            return
+        sessions, interactions, stats, placeholders = (list(column) for column in zip(*items, strict=True))
+        try:
+            self.engine.finish(sessions, interactions, stats)  # session.pending: the worker's future
+        except Exception as error:
+            for placeholder in placeholders:
+                placeholder.set_exception(error)
+            self._running = False
+            return
+        for session, placeholder in zip(sessions, placeholders, strict=True):
+            session.pending.add_done_callback(lambda done, p=placeholder: _copy_outcome(done, p))
+        sessions[0].pending.add_done_callback(self._next)  # after the placeholders: callbacks run in order
+
+    def _next(self, _done: Future) -> None:
+        with self._lock:
+            self._start()
+
+
+def _copy_outcome(source: Future, target: Future) -> None:
+    if source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(None)
+
+
 class BatchScheduler:
     """A thread that answers the turns of many sessions in one continuously refilled batch."""
 
@@ -139,6 +206,8 @@ class BatchScheduler:
         self.engine, self.metrics, self.max_batch = engine, metrics, max_batch
         self.end_id = engine.tokenizer.end_id
         self.batch = RunningBatch()
+        self.updates = MemoryUpdates(engine)
+        self.outbox = Outbox()
         self._waiting: collections.deque[Row] = collections.deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -179,8 +248,9 @@ class BatchScheduler:
         except Exception as error:  # a model error fails the turns in flight, not the server
             log.exception("batched decoding failed; the turns in flight fail")
             for row in {id(r): r for r in self.batch.rows + joining}.values():
-                row.resolve(error)
+                self.outbox.resolve(row, error)
             self.batch = RunningBatch()
+        self.outbox.deliver()
 
     # -- the scheduler thread ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -203,9 +273,11 @@ class BatchScheduler:
         joining = RunningBatch()
         joining.rows, joining.caches = rows, [KVCache() for _ in self.engine.model.decoder.layers]
         joining.memory_kv = self.engine.model.project_memory(stm)
-        logits = self.engine.model.decode(ids, memory_kv=joining.memory_kv, key_mask=mask, positions=positions,
-                                          caches=joining.caches)
-        joining.logits, joining.key_mask, joining.next_position = logits[:, -1], mask, positions[:, -1] + 1
+        model = self.engine.model
+        hidden = model.decoder(model.embedding(ids), memory_kv=joining.memory_kv, key_mask=mask, positions=positions,
+                               caches=joining.caches)  # (B, T, D)
+        joining.logits = model.logits(hidden[:, -1])  # only the last position predicts the first token
+        joining.key_mask, joining.next_position = mask, positions[:, -1] + 1
         now = time.perf_counter()
         for row in rows:
             row.joined = now
@@ -249,12 +321,12 @@ class BatchScheduler:
             self.metrics.first_token.observe(time.perf_counter() - row.started)
         if row.answer[-1] != self.end_id:
             text, row.shown = self.engine._new_text(row.answer, row.shown)
-            row.send(TokenEvent(row.answer[-1], text))
+            self.outbox.send(row, TokenEvent(row.answer[-1], text))
 
     def _left(self, row: Row) -> bool:
         """The client went away: its row is freed and the turn is not remembered."""
         if row.turn.cancelled.is_set():
-            row.resolve(None)
+            self.outbox.resolve(row, None)
             return True
         return False
 
@@ -264,11 +336,11 @@ class BatchScheduler:
             return
         engine, tokenizer, now = self.engine, self.engine.tokenizer, time.perf_counter()
         stats = [engine._stats(r.session, len(r.prompt), r.answer, r.first_token_s, now - r.joined) for r in rows]
-        engine.finish([r.session for r in rows], [r.prompt + tokenizer.close(r.answer) for r in rows], stats)
+        self.updates.add([r.session for r in rows], [r.prompt + tokenizer.close(r.answer) for r in rows], stats)
         for row, stat in zip(rows, stats, strict=True):
             row.session.stats.append(stat)
             ids = [t for t in row.answer if t != self.end_id]
             rest, row.shown = engine._new_text(ids, row.shown, final=True)  # held back at a split character
             if rest:
-                row.send(TokenEvent(ids[-1], rest))
-            row.resolve(AnswerEvent(tokenizer.decode(ids).strip(), ids, stat))
+                self.outbox.send(row, TokenEvent(ids[-1], rest))
+            self.outbox.resolve(row, AnswerEvent(tokenizer.decode(ids).strip(), ids, stat))
