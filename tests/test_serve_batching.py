@@ -200,3 +200,12 @@ def test_a_full_queue_is_429_with_retry_after(model_dir):
         assert client.post("/v1/chat/completions", json=body).status_code == 200
         assert service.answering == 0 and "rxt_queued_turns 0" in client.get("/metrics").text
     engine.close()
+
+
+def test_serve_refuses_bad_batching_options(model_dir, capsys):
+    from rxt.cli import main as cli_main
+
+    assert cli_main(["serve", "--model", str(model_dir), "--max-batch", "0"]) == 2
+    assert "--max-batch must be >= 1" in capsys.readouterr().err
+    assert cli_main(["serve", "--model", str(model_dir), "--max-queue", "-1"]) == 2
+    assert "--max-queue must be >= 0" in capsys.readouterr().err

@@ -222,12 +222,17 @@ class BatchScheduler:
     def submit(self, turn, session: Session, query: str, sampling: SamplingConfig, started: float) -> asyncio.Future:
         """Queue a turn (event loop thread); the future gets its AnswerEvent, or None if the client left."""
         loop = asyncio.get_running_loop()
-        row = Row(turn, session, self.engine.tokenizer.prompt(query), sampling, loop, loop.create_future(), started,
+        row = Row(turn, session, self._prompt(query), sampling, loop, loop.create_future(), started,
                   generator=sampling.generator(self.engine.device))
         with self._wake:
             self._waiting.append(row)
             self._wake.notify()
         return row.result
+
+    def _prompt(self, query: str) -> list[int]:
+        """The tokens the decoder reads for the message, as the engine's own turn loop builds them."""
+        turn_prompt = getattr(self.engine, "turn_prompt", None)  # engines whose turns open with a preamble
+        return turn_prompt(query) if turn_prompt is not None else self.engine.tokenizer.prompt(query)
 
     def close(self) -> None:
         with self._wake:

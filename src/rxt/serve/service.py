@@ -53,7 +53,7 @@ class ServeSettings:
     session_wait_s: float = 60.0  # how long a request waits for its session's earlier turn
     write_retry_s: float = 30.0  # how long a finished turn retries writing its memory while the store is down
     model_threads: int = 4  # turns generated at the same time (max_batch 1: one turn per thread)
-    max_batch: int = 16  # RxT: turns of different sessions decoded together (continuous batching); 1: off
+    max_batch: int = 64  # RxT: turns of different sessions decoded together (continuous batching); 1: off
     max_queue: int = 256  # turns waiting for a row beyond this are refused with 429
     kv_cache_sessions: int = 8  # stateless model, cached mode: sessions whose KV cache this process keeps
 
