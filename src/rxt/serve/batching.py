@@ -7,7 +7,8 @@ One scheduler thread owns a running batch. Each loop:
            every row's attention exactly its own)
     sample one token for every row, streamed to that row's client
     leave  rows that hit [EOT] or their budget, and rows whose client went away; the finished ones
-           start their memory updates together (the engine's background worker), off the answer path
+           start their memory update together (one batch on the engine's background worker), off the
+           answer path
     step   one batched decode step for the rows that remain
 
 An RxT session's whole state is its fixed-size STM, so a row is just a prompt, the memory K/V the
@@ -21,7 +22,6 @@ import collections
 import logging
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +31,7 @@ from rxt.engine import AnswerEvent, ReactiveEngine, TokenEvent
 from rxt.generation import SamplingConfig, left_pad, sample_next
 from rxt.model import positions_from_mask
 from rxt.serve.metrics import ServerMetrics
-from rxt.session import Session, TurnStats
+from rxt.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -147,58 +147,6 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
-class MemoryUpdates:
-    """Finished turns share memory updates: while the engine's worker runs one, the turns that finish
-    meanwhile wait here and go together when it ends (fewer, larger batches, each off the answer path).
-
-    A waiting session's ``pending`` is a placeholder future, so ``session.wait()`` (and ``to_bytes``)
-    block until the update that carries its turn has written the new STM.
-    """
-
-    def __init__(self, engine: ReactiveEngine):
-        self.engine = engine
-        self._lock = threading.RLock()  # a callback added to a future already done runs at once, lock held
-        self._waiting: list[tuple[Session, list[int], TurnStats, Future]] = []
-        self._running = False
-
-    def add(self, sessions: list[Session], interactions: list[list[int]], stats: list[TurnStats]) -> None:
-        with self._lock:
-            for session, interaction, stat in zip(sessions, interactions, stats, strict=True):
-                session.pending = Future()
-                self._waiting.append((session, interaction, stat, session.pending))
-            if not self._running:
-                self._start()
-
-    def _start(self) -> None:
-        """Hand every waiting turn to the engine's worker as one batch (called with the lock held)."""
-        items, self._waiting = self._waiting, []
-        self._running = bool(items)
-        if not items:
-            return
-        sessions, interactions, stats, placeholders = (list(column) for column in zip(*items, strict=True))
-        try:
-            self.engine.finish(sessions, interactions, stats)  # session.pending: the worker's future
-        except Exception as error:
-            for placeholder in placeholders:
-                placeholder.set_exception(error)
-            self._running = False
-            return
-        for session, placeholder in zip(sessions, placeholders, strict=True):
-            session.pending.add_done_callback(lambda done, p=placeholder: _copy_outcome(done, p))
-        sessions[0].pending.add_done_callback(self._next)  # after the placeholders: callbacks run in order
-
-    def _next(self, _done: Future) -> None:
-        with self._lock:
-            self._start()
-
-
-def _copy_outcome(source: Future, target: Future) -> None:
-    if source.exception() is not None:
-        target.set_exception(source.exception())
-    else:
-        target.set_result(None)
-
-
 class BatchScheduler:
     """A thread that answers the turns of many sessions in one continuously refilled batch."""
 
@@ -206,7 +154,6 @@ class BatchScheduler:
         self.engine, self.metrics, self.max_batch = engine, metrics, max_batch
         self.end_id = engine.tokenizer.end_id
         self.batch = RunningBatch()
-        self.updates = MemoryUpdates(engine)
         self.outbox = Outbox()
         self._waiting: collections.deque[Row] = collections.deque()
         self._wake = threading.Condition()
@@ -341,7 +288,7 @@ class BatchScheduler:
             return
         engine, tokenizer, now = self.engine, self.engine.tokenizer, time.perf_counter()
         stats = [engine._stats(r.session, len(r.prompt), r.answer, r.first_token_s, now - r.joined) for r in rows]
-        self.updates.add([r.session for r in rows], [r.prompt + tokenizer.close(r.answer) for r in rows], stats)
+        engine.finish([r.session for r in rows], [r.prompt + tokenizer.close(r.answer) for r in rows], stats)
         for row, stat in zip(rows, stats, strict=True):
             row.session.stats.append(stat)
             ids = [t for t in row.answer if t != self.end_id]
