@@ -12,11 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer as HFTokenizer
 
+from rxt.baselines import StatelessEngine
+from rxt.config import ModelConfig
 from rxt.engine import ReactiveEngine
 from rxt.generation import SamplingConfig, left_pad
 from rxt.model import StatelessLM
 from rxt.pretrained.reactive import ReactiveConfig, ReactivePretrained, base_sha256, dialogue_loss
+from rxt.tokenizer import Tokenizer, chatml_template
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,6 +35,22 @@ def base(make_tiny_model) -> StatelessLM:
     return make_tiny_model(StatelessLM, seed=1, **BASE)
 
 
+@pytest.fixture
+def chat_base(tiny_tokenizer) -> StatelessLM:
+    """A tiny base with a ChatML template whose preamble is a system message, as an imported model has."""
+    backend = HFTokenizer.from_str(tiny_tokenizer.backend.to_str())
+    backend.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tokenizer = Tokenizer(backend, chatml_template(system="You are a tiny test model."))
+    torch.manual_seed(3)
+    model = StatelessLM(ModelConfig.from_name("tiny", vocab_size=tokenizer.vocab_size, **BASE))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, 0.2)
+    model.tokenizer = tokenizer
+    return model.eval()
+
+
 def reactive(base: StatelessLM, config: ReactiveConfig = REACTIVE, sha: str = "") -> ReactivePretrained:
     torch.manual_seed(0)
     return ReactivePretrained(copy.deepcopy(base), config, sha).eval()
@@ -38,15 +58,6 @@ def reactive(base: StatelessLM, config: ReactiveConfig = REACTIVE, sha: str = ""
 
 def batch(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return left_pad([tokenizer.interaction(t, "Yes, noted.") for t in texts], tokenizer.pad_id, torch.device("cpu"))
-
-
-def dialogue_turns(tokenizer, dialogue: list[tuple[str, str]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(input_ids (1, T), answer_mask (1, T)) of each turn, as dialogue_loss takes them."""
-    turns = []
-    for query, answer in dialogue:
-        prompt, ids = tokenizer.prompt(query), tokenizer.interaction(query, answer)
-        turns.append((torch.tensor([ids]), torch.tensor([[i >= len(prompt) for i in range(len(ids))]])))
-    return turns
 
 
 def random_memory(model: ReactivePretrained, batch_size: int) -> torch.Tensor:
@@ -68,6 +79,17 @@ def test_logits_equal_the_base_exactly_before_training(base):
     )
 
 
+def test_the_new_norms_start_as_the_layers_ffn_norm(base):
+    with torch.no_grad():  # norms that differ from layer to layer (a fresh model's are all ones)
+        for weight in (p for p in base.parameters() if p.dim() == 1):
+            weight.uniform_(0.5, 1.5)
+    model = reactive(base)
+    layers = model.decoder.layers
+    for slot, i in enumerate(REACTIVE.memory_layers):
+        assert torch.equal(layers[i].memory_norm.weight, layers[i].ffn_norm.weight)
+        assert torch.equal(model.memory_attention.layers[slot].ed_norm.weight, layers[i].ffn_norm.weight)
+
+
 def test_the_memory_is_read_once_the_output_projection_moves(base):
     """The exactness above is not the memory being ignored: W_O = 0 is the only thing that hides it."""
     model = reactive(base)
@@ -86,7 +108,7 @@ def test_only_the_new_weights_are_trainable_and_all_of_them_get_a_gradient(base)
         for i in REACTIVE.memory_layers:
             model.decoder.layers[i].memory_cross_attention.o_proj.weight.normal_(0.0, 0.02)
     model.train()
-    turns = dialogue_turns(base.tokenizer, [("My cat is Bo.", "Noted."), ("What is my cat called?", "Bo.")])
+    turns = [model.interaction(q, a) for q, a in [("My cat is Bo.", "Noted."), ("What is my cat called?", "Bo.")]]
     dialogue_loss(model, turns).backward()
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(not name.startswith("base.") or "memory_" in name for name in trainable)
@@ -115,22 +137,45 @@ def test_reactive_engine_runs_it_turn_by_turn(base):
     try:
         session = engine.new_session()
         first = session.tensors["stm"].clone()
-        sampling = SamplingConfig(max_new_tokens=5)
         for query in PROMPTS:
-            answer = engine.interact(session, query, sampling)
-            assert answer.stats.answer_tokens >= 1
+            assert engine.interact(session, query, SamplingConfig(max_new_tokens=5)).stats.answer_tokens >= 1
         session.wait()
         assert session.turns == 3 and session.tensors["stm"].shape == first.shape
         assert not torch.equal(session.tensors["stm"], first)
-        # before training the answer is the base model's own greedy answer, whatever the memory holds
-        stateless = ReactiveEngine(reactive(base))
-        fresh = stateless.new_session()
-        assert stateless.interact(fresh, PROMPTS[0], sampling).token_ids == engine.interact(
-            session, PROMPTS[0], sampling
-        ).token_ids
-        stateless.close()
     finally:
         engine.close()
+
+
+def test_before_training_the_engine_answers_as_the_base_reading_the_current_turn(chat_base):
+    """Every turn opens with the template's preamble (the system message), as the base's chats did: the
+    answers are the base's own greedy answers to each message alone, whatever the memory holds."""
+    engine = ReactiveEngine(reactive(chat_base))
+    base = StatelessEngine(chat_base, mode="current")
+    preamble = chat_base.tokenizer.preamble()
+    assert preamble and engine.turn_prompt("Hi")[: len(preamble)] == preamble
+    try:
+        session, base_session = engine.new_session(), base.new_session()
+        for query in PROMPTS:
+            ours = engine.interact(session, query, SamplingConfig(max_new_tokens=6))
+            theirs = base.interact(base_session, query, SamplingConfig(max_new_tokens=6))
+            assert ours.token_ids == theirs.token_ids and ours.stats.prompt_tokens == theirs.stats.prompt_tokens
+        session.wait()
+        assert not torch.equal(session.tensors["stm"], engine.model.initial_memory(1))
+    finally:
+        engine.close()
+
+
+def test_the_memory_is_written_from_the_turn_not_the_system_message(chat_base):
+    model = reactive(chat_base)
+    tok, preamble = chat_base.tokenizer, len(chat_base.tokenizer.preamble())
+    rows = [tok.preamble() + tok.interaction(q, "Noted.") for q in PROMPTS]
+    ids, mask = left_pad(rows, tok.pad_id, torch.device("cpu"))
+    written = model.turn_mask(ids, mask)
+    assert written.sum(1).tolist() == [len(r) - preamble for r in rows]
+    for row, tokens in enumerate(rows):  # the last len - preamble tokens of each left-padded row
+        assert written[row].tolist() == [False] * (ids.shape[1] - len(tokens) + preamble) + [True] * (
+            len(tokens) - preamble
+        )
 
 
 def test_adapter_round_trip_holds_only_the_new_weights(base, tmp_path):
@@ -183,7 +228,7 @@ def test_a_few_steps_on_fact_dialogues_lower_the_loss(base):
     model = reactive(base)
     names = ("Ada", "Bo", "Chen")
     dialogues = [[(f"My cat is {n}.", "Noted."), ("What is my cat called?", f"{n}.")] for n in names]
-    data = [dialogue_turns(base.tokenizer, d) for d in dialogues]
+    data = [[model.interaction(q, a) for q, a in d] for d in dialogues]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
 
@@ -235,3 +280,11 @@ def test_smollm2_reactive_logits_equal_the_base_and_the_adapter_is_small(smollm2
     loaded = ReactivePretrained.from_pretrained(tmp_path / "adapter", smollm2_dir)
     with torch.no_grad():
         assert torch.equal(loaded.decode(ids, stm=stm, key_mask=mask, positions=positions), want)
+    engine, stateless = ReactiveEngine(loaded), StatelessEngine(base, mode="current")
+    try:  # turn by turn, with the system message: SmolLM2's own answers to each message alone
+        session, base_session = engine.new_session(), stateless.new_session()
+        for prompt in prompts[:2]:
+            ours = engine.interact(session, prompt, SamplingConfig(max_new_tokens=8))
+            assert ours.token_ids == stateless.interact(base_session, prompt, SamplingConfig(max_new_tokens=8)).token_ids
+    finally:
+        engine.close()

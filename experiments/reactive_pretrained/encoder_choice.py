@@ -7,8 +7,9 @@ Options (docs/reactive-pretrained.md):
     own states    ED = the decoder's hidden states of the finished turn (ReactivePretrained.encode)
     bidirectional the same 30 pretrained layers over the turn without the causal mask
     small encoder 2 new bidirectional layers of the base's width (rxt's EncoderLayer, SQA 3/3)
-Times are medians over --repeats runs, one thread, no gradient; the memory attention (consolidate)
-and the prompt pass of the turn are timed for scale.
+A turn is what the engine feeds the decoder: SmolLM2's system message, the prompt, the answer. Times
+are medians over --repeats runs, one thread, no gradient; the memory attention (consolidate) and the
+prompt pass of the turn are timed for scale.
 """
 
 from __future__ import annotations
@@ -61,6 +62,31 @@ def bidirectional_pass(model: ReactivePretrained, ids: torch.Tensor) -> tuple[to
     return x, states
 
 
+def token_similarity(states: torch.Tensor, weight: torch.Tensor | None = None) -> float:
+    """Mean cosine between different tokens' states (T, D) after an RMS norm with this weight."""
+    normed = F.normalize(states * (weight if weight is not None else 1.0), dim=-1)
+    cosines = normed @ normed.T
+    return round(float(cosines[~torch.eye(len(states), dtype=torch.bool)].mean()), 3)
+
+
+def outlier_report(model: ReactivePretrained, own: list[torch.Tensor]) -> dict[int, dict[str, float]]:
+    """Per memory layer, over the turn's tokens: the share of the states' energy in their 5 largest
+    dimensions, and how alike tokens look through a unit-weight norm, through the layer's pretrained FFN
+    norm (what the new norms start from, init_norms_from_base) and through the next layer's input norm."""
+    report, turn, layers = {}, len(model.tokenizer.preamble()), model.decoder.layers
+    for layer, states in zip(model.config.memory_layers, own, strict=True):
+        x = states[0, turn:]
+        energy = x.pow(2).mean(0)
+        following = layers[layer + 1].self_norm if layer + 1 < len(layers) else model.decoder.norm
+        report[layer] = {
+            "top5_energy_share": round(float(energy.topk(5).values.sum() / energy.sum()), 3),
+            "token_cosine_unit_norm": token_similarity(x),
+            "token_cosine_ffn_norm": token_similarity(x, layers[layer].ffn_norm.weight),
+            "token_cosine_next_input_norm": token_similarity(x, following.weight),
+        }
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base", type=Path, help="an imported StatelessLM directory (rxt import gguf)")
@@ -71,9 +97,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = ReactivePretrained.from_base(args.base, ReactiveConfig()).eval()
     tok = model.tokenizer
-    prompt = tok.prompt(TURN)
-    ids = torch.tensor([tok.interaction(TURN, ANSWER)])
-    prompt_ids = torch.tensor([prompt])
+    ids = model.interaction(TURN, ANSWER)[0]  # as the engine feeds a turn: system message, prompt, answer
+    prompt_ids = torch.tensor([tok.preamble() + tok.prompt(TURN)])
     stm = model.initial_memory(1)
     c = model.memory_config
     encoder = torch.nn.ModuleList(EncoderLayer(c, model.decoder.layers[0].self_attention.rotary) for _ in range(2))
@@ -106,6 +131,7 @@ def main() -> None:
             "adapter_parameters": sum(t.numel() for t in model.adapter_state_dict().values()),
             # how far the bidirectional pass moves each memory layer's states from the causal ones the
             # pretrained weights were trained to produce (1 = unchanged)
+            "memory_layer_states": outlier_report(model, own),
             "bidirectional_vs_causal_cosine": {
                 layer: round(float(F.cosine_similarity(a, b, dim=-1).mean()), 4)
                 for layer, a, b in zip(model.config.memory_layers, own, bidirectional, strict=True)

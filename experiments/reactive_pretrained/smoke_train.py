@@ -1,6 +1,6 @@
 """A smoke run of memory-aware training on a reactive SmolLM2: a few steps on two-turn fact dialogues
-(a fact told, then asked), with the loss on held-out dialogues' answers read with the memory and with
-the memory wiped (the STM every turn starts from), before and after. Minutes on one CPU thread; not a
+(a fact told, then asked), with the loss on held-out dialogues' answers read with their own memory,
+with another dialogue's and with the memory wiped, before and after. Minutes on one CPU thread; not a
 training recipe.
 
     python experiments/reactive_pretrained/smoke_train.py models/smollm2 [--steps 40] [--json out.json]
@@ -31,26 +31,31 @@ def fact_dialogue(rng: random.Random) -> list[tuple[str, str]]:
 
 
 def as_turns(model: ReactivePretrained, dialogue: list[tuple[str, str]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    tok, turns = model.tokenizer, []
-    for query, answer in dialogue:
-        prompt, ids = tok.prompt(query), tok.interaction(query, answer)
-        turns.append((torch.tensor([ids]), torch.tensor([[i >= len(prompt) for i in range(len(ids))]])))
-    return turns
+    return [model.interaction(query, answer) for query, answer in dialogue]  # preamble + turn, as the engine
 
 
 @torch.no_grad()
-def question_loss(model: ReactivePretrained, dialogues: list, wipe: bool) -> float:
-    """Mean loss on the last turn's answer, reading the memory the first turn wrote (or STM_0)."""
-    losses = []
-    for turns in dialogues:
+def question_scores(model: ReactivePretrained, dialogues: list, memory: str) -> dict[str, float]:
+    """On the last turn's answer: the mean loss, and the share of answers whose every token is the
+    model's top-1 given the right tokens before it. The question reads the memory its own first turn
+    wrote ("own"), the one another dialogue's first turn wrote ("other": a full memory holding the wrong
+    fact), or STM_0 ("wiped")."""
+    losses, exact = [], 0
+    for n, turns in enumerate(dialogues):
         stm = model.initial_memory(1)
-        if not wipe:
-            for ids, _ in turns[:-1]:
-                stm = model.update_memory(stm, ids)
+        told = {"own": turns, "other": dialogues[(n + 1) % len(dialogues)], "wiped": []}[memory]
+        for ids, _ in told[:-1]:
+            stm = model.update_memory(stm, ids)
         ids, mask = turns[-1]
         logits, _ = model.read_turn(ids, stm)
         losses.append(float(answer_loss(logits, ids, mask)))
-    return sum(losses) / len(losses)
+        predicted, target = logits[0, :-1].argmax(-1), ids[0, 1:]
+        exact += bool((predicted == target)[mask[0, 1:]].all())
+    return {"answer_loss": round(sum(losses) / len(losses), 3), "answers_exact": round(exact / len(dialogues), 3)}
+
+
+def scores(model: ReactivePretrained, dialogues: list) -> dict[str, dict[str, float]]:
+    return {memory: question_scores(model, dialogues, memory) for memory in ("own", "other", "wiped")}
 
 
 def main() -> None:
@@ -58,6 +63,7 @@ def main() -> None:
     parser.add_argument("base", type=Path)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--heldout", type=int, default=24)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -65,8 +71,8 @@ def main() -> None:
     rng = random.Random(0)
     model = ReactivePretrained.from_base(args.base)
     train = [as_turns(model, fact_dialogue(rng)) for _ in range(args.steps)]
-    heldout = [as_turns(model, fact_dialogue(rng)) for _ in range(8)]
-    before = {"memory": question_loss(model, heldout, False), "wiped": question_loss(model, heldout, True)}
+    heldout = [as_turns(model, fact_dialogue(rng)) for _ in range(args.heldout)]
+    before = scores(model, heldout)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     model.train()
     curve, start = [], time.perf_counter()
@@ -75,15 +81,15 @@ def main() -> None:
         loss = dialogue_loss(model, turns)
         loss.backward()
         optimizer.step()
-        curve.append(round(float(loss), 3))
+        curve.append(round(loss.item(), 3))
         print(f"step {step}: loss {curve[-1]}", flush=True)
     seconds = time.perf_counter() - start
     model.eval()
-    after = {"memory": question_loss(model, heldout, False), "wiped": question_loss(model, heldout, True)}
+    after = scores(model, heldout)
     tokens = sum(ids.shape[1] for turns in train for ids, _ in turns)
     results = {"steps": args.steps, "lr": args.lr, "train_tokens": tokens, "seconds": round(seconds, 1),
                "tokens_per_s": round(tokens / seconds, 1), "curve": curve,
-               "heldout_answer_loss_before": before, "heldout_answer_loss_after": after}
+               "heldout_before": before, "heldout_after": after}
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -99,6 +99,10 @@ class ChatEngine:
     def state_bytes(self, session: Session) -> int:
         return session.state_bytes()
 
+    def turn_prompt(self, query: str) -> list[int]:
+        """The tokens the decoder reads for a message, besides the history or memory the engine keeps."""
+        return self.tokenizer.prompt(query)
+
     # -- shared --------------------------------------------------------------------------------------
     def check_session(self, session: Session) -> None:
         if session.model_type != self.model_type or session.model_identity != self.identity:
@@ -157,7 +161,7 @@ class ChatEngine:
             session.wait()  # the previous turn's memory update; its error surfaces here
             self.check_session(session)
         start = time.perf_counter()
-        plan = self.plan(sessions, [self.tokenizer.prompt(q) for q in queries])
+        plan = self.plan(sessions, [self.turn_prompt(q) for q in queries])
         answers, first_token_s, shown = [[] for _ in sessions], None, 0  # shown: characters streamed so far
         for token in decode_tokens(
             plan.step, plan.prompt, plan.key_mask, plan.positions, sampling, self.tokenizer.end_id
@@ -180,7 +184,7 @@ class ChatEngine:
             for s, n, a in zip(sessions, plan.prompt_tokens, answers, strict=True)
         ]
         if remember:
-            prompts = [self.tokenizer.prompt(q) for q in queries]
+            prompts = [self.turn_prompt(q) for q in queries]
             self.finish(
                 sessions,
                 [p + self.tokenizer.close(a) for p, a in zip(prompts, answers, strict=True)],
@@ -201,7 +205,10 @@ class ChatEngine:
         for session in sessions:
             session.wait()
             self.check_session(session)
-        interactions = [self.tokenizer.interaction(q, a) for q, a in zip(queries, answers, strict=True)]
+        interactions = [
+            self.turn_prompt(q) + self.tokenizer.answer(a) + self.tokenizer.closing()
+            for q, a in zip(queries, answers, strict=True)
+        ]
         stats = [self._stats(s, len(i), [], None, 0.0) for s, i in zip(sessions, interactions, strict=True)]
         self.finish(sessions, interactions, stats)
 
@@ -216,7 +223,7 @@ class ChatEngine:
             session.wait()
         targets = [self.tokenizer.answer(a) + [self.tokenizer.end_id] for a in answers]
         plan = self.plan(
-            sessions, [self.tokenizer.prompt(q) + t[:-1] for q, t in zip(queries, targets, strict=True)]
+            sessions, [self.turn_prompt(q) + t[:-1] for q, t in zip(queries, targets, strict=True)]
         )
         logprobs = plan.step(plan.prompt, plan.key_mask, plan.positions).float().log_softmax(-1)  # (B, T, V)
         results = []
@@ -276,6 +283,11 @@ class ReactiveEngine(ChatEngine):
     def new_session(self) -> Session:
         stm = self.model.initial_memory(1).to(self.device)  # (L, 1, S, D)
         return Session(self.model_type, self.identity, {"stm": stm})
+
+    def turn_prompt(self, query: str) -> list[int]:
+        """Each turn is an event of its own, so it opens with the template's preamble: an imported chat
+        model's system message, as every conversation it was trained on did (empty for rxt's template)."""
+        return self.tokenizer.preamble() + self.tokenizer.prompt(query)
 
     def check_session(self, session: Session) -> None:
         super().check_session(session)

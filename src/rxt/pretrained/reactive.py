@@ -38,7 +38,7 @@ from rxt.model import StatelessLM, _init_weights
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ReactiveConfig", "ReactivePretrained", "base_sha256"]
+__all__ = ["ReactiveConfig", "ReactivePretrained", "answer_loss", "base_sha256", "dialogue_loss"]
 
 ADAPTER_FORMAT = 1
 ADAPTER_WEIGHTS, ADAPTER_META = "adapter.safetensors", "adapter.json"
@@ -131,6 +131,22 @@ class ReactivePretrained(nn.Module):
             module.apply(_init_weights)
         for i in config.memory_layers:  # the model's output is exactly the base's until this is trained
             nn.init.zeros_(base.decoder.layers[i].memory_cross_attention.o_proj.weight)
+        self.init_norms_from_base()
+
+    @torch.no_grad()
+    def init_norms_from_base(self) -> None:
+        """Start each memory layer's new RMSNorms (the cross-attention's queries, the memory attention's
+        ED) as that layer's pretrained FFN norm.
+
+        A few of the residual stream's dimensions carry most of its energy (SmolLM2: 5 of 576 hold half
+        or more); through a unit-weight norm every token looks much alike to the new attention (mean
+        cosine between a turn's tokens about 0.5). The FFN norm's weights scale those dimensions down
+        (about 0.3); the next layer's attention-input norm does not (experiments/reactive_pretrained).
+        """
+        layers = self.decoder.layers
+        for slot, i in enumerate(self.config.memory_layers):
+            layers[i].memory_norm.weight.copy_(layers[i].ffn_norm.weight)
+            self.memory_attention.layers[slot].ed_norm.weight.copy_(layers[i].ffn_norm.weight)
 
     def new_modules(self) -> list[nn.Module]:
         layers = self.base.decoder.layers
@@ -211,11 +227,28 @@ class ReactivePretrained(nn.Module):
         """STM_t = MemoryAttention(STM_{t-1}, ED_t): (L_mem, B, S, D)."""
         return self.memory_attention(stm, encoded, ed_mask)
 
+    def turn_mask(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) True on the tokens the memory is written from: the turn's, not the padding and not the
+        template's preamble (the same system message every turn; it would only dilute the write)."""
+        if key_mask is None:
+            key_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        preamble = len(self.tokenizer.preamble()) if self.tokenizer is not None else 0
+        return key_mask.bool() & (positions_from_mask(key_mask) >= preamble)
+
     def update_memory(
         self, stm: torch.Tensor, interaction_ids: torch.Tensor, key_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Steps 2-3 of the turn cycle (what ReactiveEngine runs in the background)."""
-        return self.consolidate(stm, self.encode(interaction_ids, stm, key_mask), key_mask)
+        encoded = self.encode(interaction_ids, stm, key_mask)
+        return self.consolidate(stm, encoded, self.turn_mask(interaction_ids, key_mask))
+
+    def interaction(self, query: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One turn as ReactiveEngine feeds it (the template's preamble, the prompt, the answer, the
+        closing): input_ids (1, T) and answer_mask (1, T), True on the answer and closing tokens."""
+        tok = self.tokenizer
+        prompt = tok.preamble() + tok.prompt(query)
+        ids = prompt + tok.answer(answer) + tok.closing()
+        return torch.tensor([ids]), torch.tensor([[i >= len(prompt) for i in range(len(ids))]])
 
     # -- the adapter ---------------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -330,7 +363,7 @@ def dialogue_loss(
     for input_ids, answer_mask in turns:
         logits, encoded = model.read_turn(input_ids, stm)
         losses.append(answer_loss(logits, input_ids, answer_mask))
-        stm = model.consolidate(stm, encoded)
+        stm = model.consolidate(stm, encoded, model.turn_mask(input_ids))
         if detach_memory:
             stm = stm.detach()
     return torch.stack(losses).mean()
