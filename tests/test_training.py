@@ -49,8 +49,25 @@ def test_every_recipe_validates(path, tmp_path, monkeypatch):
         make_data = runpy.run_path(str(path.parent / "make_data.py"))["main"]
         make_data(tmp_path / "experiments" / path.parent.name / "data")
         monkeypatch.chdir(tmp_path)
+    data = (yaml.safe_load(path.read_text()).get("data") or {})
+    if any(str(data.get(k, "")).startswith("data/") for k in ("train_file", "heldout_file")) or data.get("text_files"):
+        _stand_in_fetched_data(data, tmp_path)  # what `rxt data fetch` prepares, in miniature
+        monkeypatch.chdir(tmp_path)
     recipe = load_recipe(path)
     assert recipe.stages.smat.steps > 0
+
+
+def _stand_in_fetched_data(data: dict, root: Path) -> None:
+    from rxt.data.dialogues import Dialogue, Turn
+    from rxt.data.jsonl import write_dialogues
+
+    for key in ("train_file", "heldout_file"):
+        if data.get(key):
+            (root / data[key]).parent.mkdir(parents=True, exist_ok=True)
+            write_dialogues(root / data[key], [Dialogue("d", [Turn("hi there", "hello"), Turn("how are you", "fine")])])
+    for pattern in data.get("text_files", []):
+        (root / pattern.replace("*", "stand-in")).parent.mkdir(parents=True, exist_ok=True)
+        (root / pattern.replace("*", "stand-in")).write_text("Call me Ishmael.\n")
 
 
 def test_copy_probe_data_is_valid_and_new_at_every_question(tmp_path):
