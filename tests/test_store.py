@@ -41,11 +41,28 @@ def test_put_get_delete_count(store):
     assert store.put("s1", "owner-a", b"state-1") == 1
     assert store.put("s1", "owner-a", b"state-2") == 2
     assert store.put("s2", "owner-b", b"\x00\xff binary") == 1
-    assert tuple(store.get("s1")) == ("owner-a", b"state-2", 2)
+    assert tuple(store.get("s1"))[:3] == ("owner-a", b"state-2", 2)
+    assert abs(store.get("s1").updated - time.time()) < 60
     assert store.get("s2").state == b"\x00\xff binary" and store.count() == 2
     assert store.delete("s1") is True and store.delete("s1") is False
     assert store.get("s1") is None and store.count() == 1
     store.ping()
+
+
+def test_sessions_per_owner_and_idle_expiry(store):
+    for name in ("a1", "a2", "a3"):
+        store.put(name, "owner-a", b"state")
+    store.put("b1", "owner-b", b"state")
+    assert (store.count_owned("owner-a"), store.count_owned("owner-b"), store.count_owned("nobody")) == (3, 1, 0)
+    assert store.count_owned("owner-a", since=time.time() + 60) == 0  # none written in the future
+    assert store.delete("a1") and store.count_owned("owner-a") == 2
+    time.sleep(0.05)
+    cutoff = time.time()
+    store.put("a2", "owner-a", b"written again")  # a2 was used after the cutoff: it stays
+    assert store.count_owned("owner-a", since=cutoff) == 1
+    assert store.delete_idle(before=cutoff) == 2  # a3 and b1
+    assert store.get("a3") is None and store.get("b1") is None and store.get("a2").state == b"written again"
+    assert store.count() == 1 and store.count_owned("owner-a") == 1 and store.count_owned("owner-b") == 0
 
 
 def test_compare_and_set(store):

@@ -52,7 +52,10 @@ def sample_next(
         logits = logits.scatter(1, seen, penalised)
     if config.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / config.temperature
+    # shifted so the best logit is 0 before dividing, in float64 (whose range holds any temperature a
+    # client can send): a tiny temperature sends the other logits to -inf and sampling becomes greedy,
+    # instead of every logit overflowing to inf and the softmax to NaN
+    logits = (logits - logits.max(dim=-1, keepdim=True).values).double() / config.temperature
     if config.top_k:
         kth = logits.topk(min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

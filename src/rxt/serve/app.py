@@ -13,6 +13,7 @@ Endpoints (docs/serving.md): POST /v1/chat/completions (SSE with ``stream: true`
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import os
@@ -35,20 +36,23 @@ from rxt.serve.errors import APIError, bad_request, error_body, not_found
 from rxt.serve.metrics import CONTENT_TYPE, ServerMetrics
 from rxt.serve.schemas import (
     ChatCompletionRequest,
+    binary_body,
     chunk,
     completion,
     completion_id,
+    json_body,
     parse_chat_request,
     sse,
     usage,
 )
 from rxt.serve.service import ChatService, ServeSettings, Turn
-from rxt.serve.store import SessionStore, StoreUnavailable, open_store
+from rxt.serve.store import SessionStore, StoreUnavailable, VersionConflict, open_store
 
 log = logging.getLogger(__name__)
 
 DELAY_ENV = "RXT_MEMORY_UPDATE_DELAY_S"  # test hook: slow every memory update down by this many seconds
 KEYS_ENV = "RXT_API_KEYS"  # comma-separated keys, kept out of the process list
+STATE_BODY = "session state exported by GET /v1/sessions/{session_id}/state (safetensors)"
 
 
 def create_app(engine: ChatEngine, store: SessionStore, settings: ServeSettings,
@@ -66,7 +70,9 @@ def create_app(engine: ChatEngine, store: SessionStore, settings: ServeSettings,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(service.sweep_idle_sessions())
         yield
+        sweeper.cancel()
         await service.drain()  # turns answered but not yet remembered get written first
         service.close()
 
@@ -94,22 +100,38 @@ class MetricsMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start = time.perf_counter()
+        start, started = time.perf_counter(), False
+
+        def count(status: int) -> None:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.inc(method=scope["method"], route=route, status=str(status))
+            self.metrics.request_seconds.observe(time.perf_counter() - start, route=route)
 
         async def send_and_count(message):
+            nonlocal started
             if message["type"] == "http.response.start":
-                route = getattr(scope.get("route"), "path", "unmatched")
-                self.metrics.requests.inc(method=scope["method"], route=route, status=str(message["status"]))
-                self.metrics.request_seconds.observe(time.perf_counter() - start, route=route)
+                started = True
+                count(message["status"])
             await send(message)
 
-        await self.app(scope, receive, send_and_count)
+        try:
+            await self.app(scope, receive, send_and_count)
+        except Exception:  # the outermost handler answers 500 after this middleware: count it here
+            if not started:
+                count(500)
+            raise
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(VersionConflict)
+    async def conflict(request: Request, error: VersionConflict) -> JSONResponse:
+        log.warning("concurrent write: %s", error)
+        return JSONResponse(error_body("the session changed while this request ran; retry", "session_changed",
+                                       "conflict_error"), status_code=409)
 
     @app.exception_handler(StoreUnavailable)
     async def store_down(request: Request, error: StoreUnavailable) -> JSONResponse:
@@ -135,7 +157,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def store_error(error: StoreUnavailable) -> APIError:
-    return APIError(503, f"the session store is unavailable ({error}); retry shortly", "store_unavailable",
+    """The client learns that the store is down, not where it is (the log has the details)."""
+    return APIError(503, "the session store is unavailable; retry shortly", "store_unavailable",
                     type_="server_error", headers={"Retry-After": "1"})
 
 
@@ -155,18 +178,18 @@ async def read_body(request: Request, limit: int, what: str = "--max-body-bytes"
         if not declared.isdigit():
             raise bad_request("invalid Content-Length header", "invalid_header")
         if int(declared) > limit:
-            raise _too_large(int(declared), limit, what)
+            raise _too_large(limit, what)
     chunks, size = [], 0
     async for piece in request.stream():
         size += len(piece)
         if size > limit:
-            raise _too_large(size, limit, what)
+            raise _too_large(limit, what)
         chunks.append(piece)
     return b"".join(chunks)
 
 
-def _too_large(size: int, limit: int, what: str) -> APIError:
-    return APIError(413, f"the request body is {size} bytes or more; the limit is {limit} bytes ({what})",
+def _too_large(limit: int, what: str) -> APIError:
+    return APIError(413, f"the request body is larger than this server's limit of {limit} bytes ({what})",
                     "request_too_large")
 
 
@@ -199,7 +222,8 @@ def _add_routes(app: FastAPI) -> None:
         try:
             await anyio.to_thread.run_sync(service.store.ping)
         except StoreUnavailable as error:
-            return JSONResponse({**body, "status": "degraded", "store": f"unavailable: {error}"}, status_code=503)
+            log.warning("health: store unavailable: %s", error)
+            return JSONResponse({**body, "status": "degraded", "store": "unavailable"}, status_code=503)
         return JSONResponse(body)
 
     @app.get("/metrics")
@@ -218,7 +242,7 @@ def _add_routes(app: FastAPI) -> None:
         _check_model(_service(request), model_id)
         return _model_card(_service(request))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         started = time.perf_counter()
         owner, service = _owner(request), _service(request)
@@ -242,7 +266,7 @@ def _add_routes(app: FastAPI) -> None:
         info = await _service(request).create(_owner(request))
         return JSONResponse(info, status_code=201, headers={"X-Session-Id": info["id"]})
 
-    @app.post("/v1/sessions/import", status_code=201)
+    @app.post("/v1/sessions/import", status_code=201, openapi_extra=binary_body(STATE_BODY))
     async def import_session(request: Request) -> JSONResponse:
         owner, service = _owner(request), _service(request)
         data = await read_body(request, service.settings.max_state_bytes, "--max-state-bytes")
@@ -268,7 +292,7 @@ def _add_routes(app: FastAPI) -> None:
         return Response(data, media_type="application/octet-stream", headers={
             "Content-Disposition": f'attachment; filename="{session_id}.safetensors"'})
 
-    @app.put("/v1/sessions/{session_id}/state")
+    @app.put("/v1/sessions/{session_id}/state", openapi_extra=binary_body(STATE_BODY))
     async def replace_session_state(request: Request, session_id: str) -> dict:
         owner, service = _owner(request), _service(request)
         data = await read_body(request, service.settings.max_state_bytes, "--max-state-bytes")
@@ -349,6 +373,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default {defaults.max_queue})")
     parser.add_argument("--kv-cache-sessions", type=int, default=ServeSettings.kv_cache_sessions,
                         help="stateless models, cached mode: sessions whose KV cache this process keeps")
+    parser.add_argument("--max-sessions-per-key", type=int, default=defaults.max_sessions_per_key,
+                        help=f"sessions one API key may hold (default {defaults.max_sessions_per_key}; 0: no limit)")
+    parser.add_argument("--session-idle-s", type=float, default=defaults.session_idle_s,
+                        help="delete a session not written for this many seconds (default 30 days; 0: never)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -367,6 +395,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--max-queue must be >= 0")
     if args.kv_cache_sessions < 0:
         return _fail("--kv-cache-sessions must be >= 0")
+    if args.max_sessions_per_key < 0 or not 0 <= args.session_idle_s < float("inf"):
+        return _fail("--max-sessions-per-key and --session-idle-s must be >= 0")
 
     from rxt.model import ReactiveTransformer, load_model
 
@@ -399,6 +429,7 @@ def run(args: argparse.Namespace) -> int:
         session_wait_s=args.session_wait_s,
         model_threads=args.model_threads or (1 if engine.device.type == "cpu" else ServeSettings.model_threads),
         kv_cache_sessions=args.kv_cache_sessions, max_batch=args.max_batch, max_queue=args.max_queue,
+        max_sessions_per_key=args.max_sessions_per_key, session_idle_s=args.session_idle_s,
     )
     keys = list(args.api_key) + [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
     if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):

@@ -154,6 +154,9 @@ class ServerMetrics:
                                             "Turns refused with 429 because --max-queue turns were waiting."))
         self.write_failures = add(Counter("rxt_memory_write_failures_total",
                                           "Memory updates that could not be written (the turn is not remembered)."))
+        self.nonfinite_memories = add(Counter("rxt_nonfinite_memories_total",
+                                              "Turns whose new memory held NaN or infinity (not written; the "
+                                              "session keeps its previous memory)."))
 
     def add_gauge(self, name: str, help_text: str, read: Callable[[], float | None]) -> None:
         self.registry.add(Gauge(name, help_text, read))

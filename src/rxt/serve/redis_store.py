@@ -1,7 +1,8 @@
 """The session store for several replicas: one Redis hash per session.
 
     {prefix}session:{id}   hash: owner, state, version, updated    (written in one MULTI/EXEC)
-    {prefix}sessions       set of session ids                      (for count)
+    {prefix}sessions       set of session ids                      (for count and idle expiry)
+    {prefix}owner:{owner}  set of the session ids of one key          (for the per-key limit)
     {prefix}lock:{name}    lease: SET NX PX with a random token; refreshed and released only by that token
 
 Compare-and-set writes and token checks use WATCH: the transaction fails if the key changed
@@ -59,10 +60,11 @@ class RedisStore(SessionStore):
                                    f"{type(error).__name__}: {error}") from error
 
     def get(self, session_id: str) -> StoredSession | None:
-        owner, state, version = self._call(lambda: self.client.hmget(self._key(session_id), "owner", "state", "version"))
+        owner, state, version, updated = self._call(
+            lambda: self.client.hmget(self._key(session_id), "owner", "state", "version", "updated"))
         if owner is None or state is None or version is None:
             return None
-        return StoredSession(owner.decode(), bytes(state), int(version))
+        return StoredSession(owner.decode(), bytes(state), int(version), float(updated or 0))
 
     def put(self, session_id: str, owner: str, state: bytes, expected_version: int | None = None) -> int:
         key = self._key(session_id)
@@ -79,6 +81,7 @@ class RedisStore(SessionStore):
                         pipe.hset(key, mapping={"owner": owner, "state": state, "version": current + 1,
                                                 "updated": time.time()})
                         pipe.sadd(f"{self.prefix}sessions", session_id)
+                        pipe.sadd(self._owner_key(owner), session_id)
                         pipe.execute()
                         return current + 1
                     except WatchError:
@@ -88,18 +91,48 @@ class RedisStore(SessionStore):
 
         return self._call(write)
 
+    def _owner_key(self, owner: str) -> str:
+        return f"{self.prefix}owner:{owner}"
+
     def delete(self, session_id: str) -> bool:
         def remove() -> bool:
+            owner = self.client.hget(self._key(session_id), "owner")
             with self.client.pipeline(transaction=True) as pipe:
                 pipe.delete(self._key(session_id))
                 pipe.srem(f"{self.prefix}sessions", session_id)
-                deleted, _ = pipe.execute()
+                if owner is not None:
+                    pipe.srem(self._owner_key(owner.decode()), session_id)
+                deleted = pipe.execute()[0]
             return deleted > 0
 
         return self._call(remove)
 
     def count(self) -> int:
         return int(self._call(lambda: self.client.scard(f"{self.prefix}sessions")))
+
+    def count_owned(self, owner: str, since: float = 0.0) -> int:
+        def count() -> int:
+            ids = list(self.client.smembers(self._owner_key(owner)))
+            with self.client.pipeline(transaction=False) as pipe:
+                for session_id in ids:
+                    pipe.hget(self._key(session_id.decode()), "updated")
+                updated = pipe.execute()
+            return sum(1 for u in updated if u is not None and float(u) >= since)
+
+        return int(self._call(count))
+
+    def delete_idle(self, before: float) -> int:
+        def sweep() -> int:
+            deleted = 0
+            for session_id in self.client.sscan_iter(f"{self.prefix}sessions", count=500):
+                updated = self.client.hget(self._key(session_id.decode()), "updated")
+                if updated is None or float(updated) < before:
+                    deleted += self.delete(session_id.decode())
+                    if updated is None:  # written by nobody: only the index entry was left
+                        self.client.srem(f"{self.prefix}sessions", session_id)
+            return deleted
+
+        return int(self._call(sweep))
 
     def ping(self) -> None:
         self._call(self.client.ping)

@@ -94,21 +94,30 @@ def check_text(text: str, param: str) -> None:
                           param=param) from None
 
 
+class NotFinite(ValueError):
+    pass
+
+
 def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+    raise NotFinite(f"{name} is not valid JSON")
 
 
 def parse_json(body: bytes) -> Any:
     try:
         text = body.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise bad_request(f"the request body is not valid UTF-8 (byte {error.start})", "invalid_utf8") from None
+    except UnicodeDecodeError:
+        raise bad_request("the request body is not valid UTF-8", "invalid_utf8") from None
     if not text.strip():
         raise bad_request("the request body is empty; send a JSON object", "invalid_json")
     try:
         return json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as error:
+    except json.JSONDecodeError as error:
+        raise bad_request(f"the request body is not valid JSON: {error.msg}", "invalid_json") from None
+    except NotFinite as error:
         raise bad_request(f"the request body is not valid JSON: {error}", "invalid_json") from None
+    except (ValueError, RecursionError):  # Python's own limits: digits of one integer, nesting depth
+        raise bad_request("the request body holds an integer too long or values nested too deeply",
+                          "invalid_json") from None
 
 
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
@@ -126,7 +135,31 @@ def validation_error(error: ValidationError) -> APIError:
     where = ".".join(str(part) for part in first["loc"]) or "body"
     if first["type"] == "extra_forbidden":
         return bad_request(f"unknown field {where!r}", "unknown_field", param=where)
-    return bad_request(f"{where}: {first['msg']}", "invalid_value", param=where)
+    message = re.sub(r", not \d+$", "", first["msg"])  # pydantic appends a count the client did not send
+    return bad_request(f"{where}: {message}", "invalid_value", param=where)
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """An OpenAPI ``requestBody`` for a JSON body parsed by ``model`` (the routes read the raw bytes
+    themselves, for strict parsing and size limits, so FastAPI cannot describe the body on its own)."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+def binary_body(description: str) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "description": description, "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
 
 def completion_id() -> str:

@@ -56,6 +56,8 @@ class ServeSettings:
     max_batch: int = 64  # RxT: turns of different sessions decoded together (continuous batching); 1: off
     max_queue: int = 256  # turns waiting for a row beyond this are refused with 429
     kv_cache_sessions: int = 8  # stateless model, cached mode: sessions whose KV cache this process keeps
+    max_sessions_per_key: int = 10_000  # sessions one API key may hold; 0: no limit
+    session_idle_s: float = 30 * 86_400.0  # a session not written for this long is deleted; 0: never
 
 
 class Turn:
@@ -106,37 +108,63 @@ class ChatService:
 
     async def _owned(self, session_id: str, owner: str) -> StoredSession:
         stored = await self._store(self.store.get, session_id)
-        if stored is None or not same_owner(stored.owner, owner):
+        if stored is None or not same_owner(stored.owner, owner) or self._idle(stored):
             raise session_not_found(session_id)
         return stored
 
-    @contextlib.asynccontextmanager
-    async def _locked(self, session_id: str) -> AsyncIterator[Lease]:
+    def _idle(self, stored: StoredSession) -> bool:
+        idle_s = self.settings.session_idle_s
+        return idle_s > 0 and stored.updated < time.time() - idle_s
+
+    async def _acquire(self, session_id: str, owner: str) -> tuple[Lease, StoredSession]:
+        """The session's lock and its stored record. The owner is checked before waiting for the lock,
+        so another key's request never queues behind a turn (nor learns from a wait that the id exists)."""
         check_session_id(session_id)
+        await self._owned(session_id, owner)
         lease = await self.locks.acquire(session_id)
         try:
-            yield lease
+            return lease, await self._owned(session_id, owner)  # again: it may have been deleted meanwhile
+        except BaseException:
+            await lease.release()
+            raise
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, session_id: str, owner: str) -> AsyncIterator[StoredSession]:
+        lease, stored = await self._acquire(session_id, owner)
+        try:
+            yield stored
         finally:
             await lease.release()
 
     # -- state -------------------------------------------------------------------------------------
     def decode(self, data: bytes, unreadable_status: int = 409) -> Session:
         """Bytes -> Session for this model: unreadable -> ``unreadable_status``, another model's -> 409."""
+        def unreadable(why: str) -> APIError:
+            return APIError(unreadable_status, f"session state is not readable: {why}", "invalid_session_state")
+
         try:
             session = Session.from_bytes(data, device=self.engine.device)
         except SessionStateError as error:
-            raise APIError(unreadable_status, f"session state is not readable: {error}", "invalid_session_state") from None
-        state = session.tensors.get(self.state_name)
+            raise unreadable(str(error)) from None
+        if set(session.tensors) != {self.state_name}:
+            raise unreadable(f"it holds the tensors {sorted(session.tensors)}; this server's sessions hold exactly "
+                             f"one, {self.state_name!r}")
+        state = session.tensors[self.state_name]
+        if (session.model_type, session.model_identity) != (self.engine.model_type, self.engine.identity):
+            raise APIError(409, f"session state does not fit the model this server runs: it was made by the "
+                           f"{session.model_type} model {session.model_identity}, this server runs the model "
+                           f"{self.engine.identity}", "model_mismatch",
+                           type_="conflict_error")
         try:
+            if state.dtype != self.state_dtype:
+                raise SessionStateError(state.dtype)
             self.engine.check_session(session)
-            if state is None or state.dtype != self.state_dtype:
-                raise SessionStateError(f"session state has no {self.state_dtype} {self.state_name} tensor")
-        except (SessionStateError, KeyError) as error:
-            raise APIError(409, f"session state does not fit the model this server runs: {error}",
-                           "model_mismatch", type_="conflict_error") from None
+        except (SessionStateError, KeyError):  # worded here: the engine's message shows the model's shapes
+            raise APIError(409, f"session state's {self.state_name} tensor ({str(state.dtype).removeprefix('torch.')}"
+                           f", shape {list(state.shape)}) does not fit the model this server runs", "model_mismatch",
+                           type_="conflict_error") from None
         if state.is_floating_point() and not bool(state.isfinite().all()):
-            raise APIError(unreadable_status, "session state is not readable: its memory holds NaN or infinity",
-                           "invalid_session_state")
+            raise unreadable("its memory holds NaN or infinity")
         return session
 
     def info(self, session: Session, state_bytes: int) -> dict:
@@ -151,20 +179,29 @@ class ChatService:
         return {"history_tokens": state.numel()} if self.stateless else {"stm_shape": list(state.shape)}
 
     async def create(self, owner: str, session: Session | None = None) -> dict:
+        await self._check_session_limit(owner)
         session = session or self.engine.new_session()
         data = session.to_bytes()
         await self._store(self.store.put, session.id, owner, data, 0)
         return self.info(session, len(data))
 
+    async def _check_session_limit(self, owner: str) -> None:
+        limit = self.settings.max_sessions_per_key
+        if limit < 1:
+            return
+        since = time.time() - self.settings.session_idle_s if self.settings.session_idle_s > 0 else 0.0
+        if await self._store(self.store.count_owned, owner, since) >= limit:
+            raise APIError(429, f"this API key already holds the most sessions allowed ({limit}, "
+                           "--max-sessions-per-key): delete one first", "too_many_sessions",
+                           type_="rate_limit_error")
+
     async def inspect(self, session_id: str, owner: str) -> dict:
-        async with self._locked(session_id):  # waits for a turn in flight: the answer shows all turns
-            stored = await self._owned(session_id, owner)
+        async with self._locked(session_id, owner) as stored:  # waits for a turn in flight: shows all turns
             return self.info(self.decode(stored.state), len(stored.state))
 
     async def reset(self, session_id: str, owner: str) -> dict:
         """Fresh memory, same id. Works on state another model wrote too (it is not read)."""
-        async with self._locked(session_id):
-            stored = await self._owned(session_id, owner)
+        async with self._locked(session_id, owner) as stored:
             session = self.engine.new_session()
             session.id = session_id
             data = session.to_bytes()
@@ -172,13 +209,31 @@ class ChatService:
             return self.info(session, len(data))
 
     async def delete(self, session_id: str, owner: str) -> None:
-        async with self._locked(session_id):
-            await self._owned(session_id, owner)
+        async with self._locked(session_id, owner):
             await self._store(self.store.delete, session_id)
 
     async def export_state(self, session_id: str, owner: str) -> bytes:
-        async with self._locked(session_id):
-            return (await self._owned(session_id, owner)).state
+        async with self._locked(session_id, owner) as stored:
+            return stored.state
+
+    async def delete_idle(self) -> int:
+        """Delete the sessions not written for --session-idle-s (all keys); return how many."""
+        if self.settings.session_idle_s <= 0:
+            return 0
+        deleted = await self._store(self.store.delete_idle, time.time() - self.settings.session_idle_s)
+        if deleted:
+            log.info("deleted %d idle sessions", deleted)
+        return deleted
+
+    async def sweep_idle_sessions(self) -> None:
+        """Background task: delete idle sessions now and then (a turn on one is refused before that)."""
+        interval = min(60.0, max(1.0, self.settings.session_idle_s / 10))
+        while self.settings.session_idle_s > 0:
+            try:
+                await self.delete_idle()
+            except StoreUnavailable as error:
+                log.warning("could not delete idle sessions: %s", error)
+            await asyncio.sleep(interval)
 
     async def import_state(self, owner: str, data: bytes, session_id: str | None = None) -> dict:
         """Validate exported bytes; store them as a new session, or replace an existing one's state."""
@@ -186,8 +241,7 @@ class ChatService:
         if session_id is None:
             session.id = secrets.token_urlsafe(18)  # never the exported id: that one is taken
             return await self.create(owner, session)
-        async with self._locked(session_id):
-            stored = await self._owned(session_id, owner)
+        async with self._locked(session_id, owner) as stored:
             session.id = session_id
             data = session.to_bytes()
             await self._store(self.store.put, session_id, owner, data, stored.version)
@@ -198,8 +252,8 @@ class ChatService:
         """The request's decoding settings within the server's limits, and the prompt's token count."""
         s = self.settings
         if len(query) > s.max_message_chars:
-            raise bad_request(f"the user message has {len(query)} characters; the limit is {s.max_message_chars} "
-                              "(--max-message-chars)", "message_too_long", param="messages")
+            raise bad_request(f"the user message is longer than this server's limit of {s.max_message_chars} "
+                              "characters (--max-message-chars)", "message_too_long", param="messages")
         budget = request.answer_budget()
         if budget is not None and budget > s.max_tokens_limit:
             raise bad_request(f"max_tokens={budget} exceeds this server's limit of {s.max_tokens_limit} "
@@ -210,8 +264,8 @@ class ChatService:
         if budget is None:
             budget = min(s.default_max_tokens, room)
         if room < 1 or budget > room:
-            raise bad_request(f"the message ({prompt_tokens} tokens with the template) plus max_tokens={budget} "
-                              f"exceed the model's context of {context} tokens per turn",
+            asked = "" if request.answer_budget() is None else f" plus max_tokens={budget}"
+            raise bad_request(f"the message{asked} does not fit the model's context of {context} tokens per turn",
                               "context_length_exceeded", param="messages")
         temperature = s.default_temperature if request.temperature is None else request.temperature
         top_p = 1.0 if request.top_p is None else request.top_p
@@ -222,13 +276,17 @@ class ChatService:
                          prompt_tokens: int, started: float) -> Turn:
         """Lock and load the session (a new one if ``session_id`` is None) and start answering."""
         self._check_room()  # before a new session is stored or a lock waited for
-        if session_id is None:  # stored first, so the id the client sees at once is valid at once
+        created = session_id is None
+        if created:  # stored first, so the id the client sees at once is valid at once
             session_id = (await self.create(owner))["id"]
-        check_session_id(session_id)
-        lease = await self.locks.acquire(session_id)
+        try:
+            lease, stored = await self._acquire(session_id, owner)
+        except BaseException:
+            if created:
+                await self._forget_new(session_id)
+            raise
         turn = Turn(session_id, prompt_tokens)
         try:
-            stored = await self._owned(session_id, owner)
             session = self.decode(stored.state)
             session.id = session_id
             self._check_context(session, prompt_tokens, sampling.max_new_tokens)
@@ -237,11 +295,17 @@ class ChatService:
             self._admit()
             answering = self._start_answer(turn, session, query, sampling, started)
         except BaseException:
+            if created:  # a refused turn leaves no empty session behind
+                await self._forget_new(session_id)
             await lease.release()
             raise
         work = self._run_turn(turn, answering, session, stored, lease, started)
         self._keep(asyncio.get_running_loop().create_task(work))
         return turn
+
+    async def _forget_new(self, session_id: str) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self._store(self.store.delete, session_id)
 
     def _check_room(self) -> None:
         """Refuse the turn (429) when --max-queue turns already wait for a row."""
@@ -273,9 +337,9 @@ class ChatService:
             return
         history, context = self.engine.history_tokens(session), self.engine.model.config.max_seq_len
         if history + prompt_tokens + budget + 1 > context:
-            raise bad_request(f"this conversation holds {history} tokens; with the message ({prompt_tokens} tokens) "
-                              f"and max_tokens={budget} it exceeds the model's context of {context} tokens: reset "
-                              "the session or start a new one", "context_length_exceeded", param="messages")
+            raise bad_request(f"this conversation, with the message and its answer, no longer fits the model's "
+                              f"context of {context} tokens: reset the session or start a new one",
+                              "context_length_exceeded", param="messages")
 
     def _keep(self, task: asyncio.Task) -> None:
         self.background.add(task)
@@ -332,11 +396,19 @@ class ChatService:
     async def _remember(self, session: Session, stored: StoredSession, lease: Lease, answered: float) -> None:
         """Wait for the memory update and write the new state; retry while the store is down."""
         try:
-            data = await anyio.to_thread.run_sync(session.to_bytes)  # waits for the background update
+            await anyio.to_thread.run_sync(session.wait)  # the background memory update
         except Exception:
             self.metrics.write_failures.inc()
             log.exception("memory update of session %s failed; it keeps its previous state", session.id)
             return
+        state = session.tensors[self.state_name]
+        if state.is_floating_point() and not bool(state.isfinite().all()):
+            self.metrics.write_failures.inc()
+            self.metrics.nonfinite_memories.inc()
+            log.error("turn %d of session %s gave a memory with NaN or infinity; the session keeps its previous "
+                      "memory", session.turns, session.id)
+            return
+        data = await anyio.to_thread.run_sync(session.to_bytes)
         deadline = time.monotonic() + self.settings.write_retry_s
         while True:
             try:

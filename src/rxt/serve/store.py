@@ -35,6 +35,7 @@ class StoredSession(NamedTuple):
     owner: str  # fingerprint of the API key that created the session ("" when auth is off)
     state: bytes  # Session.to_bytes(): safetensors with the model identity in its header
     version: int  # 1 after the first write, +1 per write
+    updated: float = 0.0  # time.time() of the last write (idle expiry)
 
 
 class SessionStore(ABC):
@@ -59,6 +60,14 @@ class SessionStore(ABC):
 
     @abstractmethod
     def count(self) -> int: ...
+
+    @abstractmethod
+    def count_owned(self, owner: str, since: float = 0.0) -> int:
+        """Sessions of this owner written at or after ``since`` (time.time())."""
+
+    @abstractmethod
+    def delete_idle(self, before: float) -> int:
+        """Delete the sessions last written before ``before`` (time.time()); return how many."""
 
     @abstractmethod
     def ping(self) -> None:
@@ -107,6 +116,8 @@ class SQLiteStore(SessionStore):
         CREATE TABLE IF NOT EXISTS sessions (
             id TEXT PRIMARY KEY, owner TEXT NOT NULL, state BLOB NOT NULL,
             version INTEGER NOT NULL, updated REAL NOT NULL);
+        CREATE INDEX IF NOT EXISTS sessions_owner ON sessions (owner, updated);
+        CREATE INDEX IF NOT EXISTS sessions_updated ON sessions (updated);
         CREATE TABLE IF NOT EXISTS locks (name TEXT PRIMARY KEY, token TEXT NOT NULL, expires REAL NOT NULL);
     """
 
@@ -153,8 +164,8 @@ class SQLiteStore(SessionStore):
 
     def get(self, session_id: str) -> StoredSession | None:
         row = self._run(lambda c: c.execute(
-            "SELECT owner, state, version FROM sessions WHERE id = ?", (session_id,)).fetchone(), write=False)
-        return StoredSession(row[0], bytes(row[1]), row[2]) if row else None
+            "SELECT owner, state, version, updated FROM sessions WHERE id = ?", (session_id,)).fetchone(), write=False)
+        return StoredSession(row[0], bytes(row[1]), row[2], row[3]) if row else None
 
     def put(self, session_id: str, owner: str, state: bytes, expected_version: int | None = None) -> int:
         def write(c: sqlite3.Connection) -> int:
@@ -173,6 +184,13 @@ class SQLiteStore(SessionStore):
 
     def count(self) -> int:
         return self._run(lambda c: c.execute("SELECT COUNT(*) FROM sessions").fetchone()[0], write=False)
+
+    def count_owned(self, owner: str, since: float = 0.0) -> int:
+        return self._run(lambda c: c.execute("SELECT COUNT(*) FROM sessions WHERE owner = ? AND updated >= ?",
+                                             (owner, since)).fetchone()[0], write=False)
+
+    def delete_idle(self, before: float) -> int:
+        return self._run(lambda c: c.execute("DELETE FROM sessions WHERE updated < ?", (before,)).rowcount)
 
     def ping(self) -> None:
         self._run(lambda c: c.execute("SELECT 1").fetchone(), write=False)
