@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rxt.bench.latency import token_closed_forms
+from rxt.bench.latency import breakeven_turn, token_closed_forms
 from rxt.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,3 +91,28 @@ def test_closed_forms() -> None:
 def test_bad_settings_are_refused(capsys) -> None:
     assert main(["bench", "latency", "--preset", "tiny", "--turn-tokens", "4", "--query-tokens", "4"]) == 2
     assert "rxt bench latency" in capsys.readouterr().err
+
+
+def test_breakeven_turn_is_where_rxt_stays_ahead() -> None:
+    rows = [{"turn": t, "rxt": r, "cached": c} for t, (r, c) in enumerate([(3, 2), (2, 3), (3, 2), (1, 2), (1, 3)], 1)]
+    assert breakeven_turn(rows, "rxt", "cached") == 4  # ahead at turn 2 too, but not for good
+    assert breakeven_turn(rows[:3], "rxt", "cached") is None
+
+
+def test_static_path_is_reported_beside_eager(tmp_path) -> None:
+    """--static: the fast path's twins are timed in the same run, read the same tokens, and the summary
+    says from which turn RxT stays ahead of the persistent cache in each mode."""
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        code = main([*FAST, "--static", "--json", str(tmp_path / "latency.json")])
+    assert code == 0
+    record = json.loads((tmp_path / "latency.json").read_text())
+    summary = record["summary"]
+    for part in (summary, summary["static"]):
+        assert {"breakeven_prompt_turn", "breakeven_answer_turn", "breakeven_targets"} <= set(part)
+    assert summary["static"]["tokens_match_eager"]
+    for row in record["turns"]:
+        for name in SYSTEMS:
+            assert 0 < row[f"{name}_static_prompt_s"] <= row[f"{name}_static_answer_s"]
+            assert row[f"{name}_static_decode_tokens_per_s"] > 0
+    assert set(summary["warmup_s"]) == {"rxt_static", "baseline_static", "cached_static"}
+    assert "static: RxT stays faster than the persistent cache from" in printed.getvalue()

@@ -108,11 +108,24 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
+    def ensure(self, n_positions: int) -> None:
+        """Grow the tables to cover positions 0..n_positions-1 (a host-side int: no device sync)."""
+        if n_positions > self.cos.shape[0]:
+            self._build(max(n_positions, 2 * self.cos.shape[0]))
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate x (B, H, T, d_head) at positions (B, T) or (T,)."""
-        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+        """Rotate x (B, H, T, d_head) at positions (B, T) or (T,), growing the tables if they are short.
+
+        Reading the largest position back is a host sync (and a graph break), so it is skipped while
+        compiling: the compiled path (rxt.fast) calls ``ensure`` for its whole cache up front.
+        """
+        if not torch.compiler.is_compiling() and positions.numel():
             # longer than max_seq_len (e.g. a long stateless history): extend the tables
-            self._build(2 * int(positions.max()) + 1)
+            self.ensure(int(positions.max()) + 1)
+        return self.rotate(x, positions)
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate without checking the table size: every position must be below ``ensure``'s bound."""
         cos, sin = self.cos[positions], self.sin[positions]  # (B, T, d_head/2) or (T, d_head/2)
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
@@ -266,11 +279,20 @@ class Attention(nn.Module):
             kv = self.project_kv(context, context_positions)
         k, v = cache.append(*kv) if cache is not None else kv  # (B, H_kv, S, d_head)
         mask = build_mask(key_mask, causal, q.shape[2], k.shape[2], x.device)
-        attend = sdpa_attention if self.impl == "sdpa" else eager_attention
-        if attend is sdpa_attention and mask is None and causal and q.shape[2] == k.shape[2] > 1:
+        if self.impl == "sdpa" and mask is None and causal and q.shape[2] == k.shape[2] > 1:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
         else:
-            out = attend(q, k, v, mask)  # (B, H_q, T, d_head)
+            out = self.attend(q, k, v, mask)  # (B, H_q, T, d_head)
+        return self.output(out)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The attention core of this layer's ``impl``: (B, H_q, T, d_head) from grouped K/V heads."""
+        return (sdpa_attention if self.impl == "sdpa" else eager_attention)(q, k, v, mask)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """Merge the heads of (B, H_q, T, d_head) and project back: (B, T, D)."""
         b, _, t, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_q_heads * self.d_head))
 

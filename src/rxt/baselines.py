@@ -16,6 +16,7 @@ import torch
 from rxt.attention import KVCache
 from rxt.config import ModelConfig
 from rxt.engine import ChatEngine, TurnPlan
+from rxt.fast import ANSWER_RESERVE, DecodeState
 from rxt.generation import left_pad
 from rxt.model import StatelessLM, positions_from_mask
 from rxt.session import Session, SessionStateError, TurnStats
@@ -43,10 +44,11 @@ class StatelessEngine(ChatEngine):
         device: str | None = None,
         mode: str = "full",
         window_tokens: int | None = None,
+        inference: str = "eager",
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        super().__init__(model, tokenizer, device)
+        super().__init__(model, tokenizer, device, inference)
         self.mode = mode
         self.window_tokens = window_tokens or window_tokens_for(model.config)
         self.preamble = self.tokenizer.preamble()  # opens every conversation (empty for rxt's template)
@@ -66,7 +68,7 @@ class StatelessEngine(ChatEngine):
         if self.mode == "window":
             return self.preamble + (history[-self.window_tokens :] if self.window_tokens else [])
         if self.mode == "cached":  # tokens the cache has not seen yet (the closing of the last answer)
-            return (self.preamble + history)[self._cache(session).length :]
+            return (self.preamble + history)[self._cached_tokens(session) :]
         return list(self.preamble)
 
     def history_tokens(self, session: Session) -> int:
@@ -83,17 +85,30 @@ class StatelessEngine(ChatEngine):
         if history.numel() and not 0 <= int(history.min()) <= int(history.max()) < self.model.config.vocab_size:
             raise SessionStateError("the session history holds token ids outside the model's vocabulary")
 
-    def _cache(self, session: Session) -> KVCache:
-        caches = session.runtime.setdefault("caches", [KVCache() for _ in self.model.decoder.layers])
-        return caches[0]
+    def _cached_tokens(self, session: Session) -> int:
+        """Tokens the persistent cache holds (eager: KVCache per layer; fast path: one DecodeState)."""
+        if "state" in session.runtime:
+            return session.runtime["state"].length
+        caches = session.runtime.get("caches")
+        return caches[0].length if caches else 0
 
-    def plan(self, sessions: Sequence[Session], prompts: list[list[int]]) -> TurnPlan:
+    def plan(
+        self,
+        sessions: Sequence[Session],
+        prompts: list[list[int]],
+        all_logits: bool = False,
+        max_new_tokens: int = ANSWER_RESERVE,
+    ) -> TurnPlan:
         if self.mode == "cached":
             if len(sessions) != 1:
                 raise ValueError("the persistent-cache baseline answers one session at a time")
-            return self._plan_cached(sessions[0], prompts[0])
+            return self._plan_cached(sessions[0], prompts[0], all_logits, max_new_tokens)
         inputs = [self.context(s) + p for s, p in zip(sessions, prompts, strict=True)]
         ids, mask = left_pad(inputs, self.tokenizer.pad_id, self.device)
+        if self.fast is not None:
+            state = self.fast.new_state(len(sessions), ids.shape[1] + max_new_tokens)
+            step = self.fast.step(state, all_logits=all_logits)
+            return TurnPlan(ids, mask, positions_from_mask(mask), step, [len(i) for i in inputs])
         caches = [KVCache() for _ in self.model.decoder.layers]
 
         def step(tokens, key_mask, positions):
@@ -101,13 +116,21 @@ class StatelessEngine(ChatEngine):
 
         return TurnPlan(ids, mask, positions_from_mask(mask), step, [len(i) for i in inputs])
 
-    def _plan_cached(self, session: Session, prompt: list[int]) -> TurnPlan:
-        caches = session.runtime.setdefault("caches", [KVCache() for _ in self.model.decoder.layers])
+    def _plan_cached(self, session: Session, prompt: list[int], all_logits: bool, max_new_tokens: int) -> TurnPlan:
         new = self.context(session) + prompt
-        start = caches[0].length
+        start = self._cached_tokens(session)
         ids = torch.tensor([new], device=self.device)
         mask = torch.ones(1, start + len(new), dtype=torch.bool, device=self.device)
         positions = torch.arange(start, start + len(new), device=self.device)[None]
+        if self.fast is not None:  # one preallocated state for the whole conversation, grown by buckets
+            state = session.runtime.get("state") or self.fast.new_state(1, len(new) + max_new_tokens)
+            state = session.runtime["state"] = self.fast.reserve(state, len(new) + max_new_tokens)
+
+            def keep(grown: DecodeState) -> None:
+                session.runtime["state"] = grown
+
+            return TurnPlan(ids, mask, positions, self.fast.step(state, all_logits=all_logits, keep=keep), [len(new)])
+        caches = session.runtime.setdefault("caches", [KVCache() for _ in self.model.decoder.layers])
 
         def step(tokens, key_mask, positions):
             return self.model.decode(tokens, positions=positions, caches=caches)
@@ -126,6 +149,8 @@ class StatelessEngine(ChatEngine):
     def state_bytes(self, session: Session) -> int:
         """KV cache bytes this mode holds between turns."""
         if self.mode == "cached":
+            if "state" in session.runtime:
+                return session.runtime["state"].nbytes()
             return sum(c.nbytes() for c in session.runtime.get("caches", []))
         tokens = len(self.context(session)) if self.mode != "current" else 0
         per_token = 2 * self.model.config.n_layers * self.model.config.n_kv_heads * self.model.config.d_head

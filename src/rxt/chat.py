@@ -171,16 +171,20 @@ def format_stats(stats: list[TurnStats], update_running: bool = False) -> str:
     return "\n".join(rows)
 
 
-def build_engine(model_dir: str, baseline: str | None = None, device: str = "cpu") -> ChatEngine:
-    """An RxT engine for an RxT directory; a baseline engine (default mode "full") for a stateless one."""
+def build_engine(
+    model_dir: str, baseline: str | None = None, device: str = "cpu", compile: bool = False
+) -> ChatEngine:
+    """An RxT engine for an RxT directory; a baseline engine (default mode "full") for a stateless one.
+    ``compile``: the compiled fast path (rxt.fast; the first turns wait for compilation)."""
     model = load_model(model_dir, device)
+    inference = "compiled" if compile else "eager"
     if isinstance(model, ReactiveTransformer):
         if baseline is not None:
             raise ValueError(
                 f"{model_dir} holds an RxT model; --baseline applies only to a stateless model directory"
             )
-        return ReactiveEngine(model, device=device)
-    return StatelessEngine(model, device=device, mode=baseline or "full")
+        return ReactiveEngine(model, device=device, inference=inference)
+    return StatelessEngine(model, device=device, mode=baseline or "full", inference=inference)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,6 +197,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="static caches and compiled prefill/decode (rxt.fast); the first answers wait for it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -204,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             seed=args.seed,
         )
-        engine = build_engine(args.model_dir, args.baseline, args.device)
+        engine = build_engine(args.model_dir, args.baseline, args.device, compile=args.compile)
     except (OSError, ValueError) as error:
         print(f"rxt chat: {error}", file=sys.stderr)
         return 2

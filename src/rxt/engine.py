@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from rxt.attention import KVCache
+from rxt.fast import ANSWER_RESERVE, fast_decoder
 from rxt.generation import SamplingConfig, Step, decode_tokens, left_pad
 from rxt.model import ReactiveTransformer, positions_from_mask
 from rxt.session import Session, SessionStateError, TurnStats
@@ -73,7 +74,13 @@ class ChatEngine:
 
     model_type: str
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None = None, device: str | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer | None = None,
+        device: str | None = None,
+        inference: str = "eager",
+    ):
         self.tokenizer = tokenizer or getattr(model, "tokenizer", None)
         if self.tokenizer is None:
             raise ValueError(
@@ -82,12 +89,23 @@ class ChatEngine:
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.identity = model.identity()
+        self.inference = inference  # "eager" (reference), "static" or "compiled": see rxt.fast
+        self.fast = fast_decoder(self.model, inference)
 
     # -- what differs between engines -------------------------------------------------------------
     def new_session(self) -> Session:
         raise NotImplementedError
 
-    def plan(self, sessions: Sequence[Session], prompts: list[list[int]]) -> TurnPlan:
+    def plan(
+        self,
+        sessions: Sequence[Session],
+        prompts: list[list[int]],
+        all_logits: bool = False,
+        max_new_tokens: int = ANSWER_RESERVE,
+    ) -> TurnPlan:
+        """The prompt and the step of one turn. The prefill's logits cover the last position only on the
+        fast path, unless ``all_logits`` (scoring reads every position); its caches are sized for
+        ``max_new_tokens`` answer tokens (and grow if more come)."""
         raise NotImplementedError
 
     def finish(
@@ -161,7 +179,7 @@ class ChatEngine:
             session.wait()  # the previous turn's memory update; its error surfaces here
             self.check_session(session)
         start = time.perf_counter()
-        plan = self.plan(sessions, [self.turn_prompt(q) for q in queries])
+        plan = self.plan(sessions, [self.turn_prompt(q) for q in queries], max_new_tokens=sampling.max_new_tokens)
         answers, first_token_s, shown = [[] for _ in sessions], None, 0  # shown: characters streamed so far
         for token in decode_tokens(
             plan.step, plan.prompt, plan.key_mask, plan.positions, sampling, self.tokenizer.end_id
@@ -223,7 +241,7 @@ class ChatEngine:
             session.wait()
         targets = [self.tokenizer.answer(a) + [self.tokenizer.end_id] for a in answers]
         plan = self.plan(
-            sessions, [self.turn_prompt(q) + t[:-1] for q, t in zip(queries, targets, strict=True)]
+            sessions, [self.turn_prompt(q) + t[:-1] for q, t in zip(queries, targets, strict=True)], all_logits=True
         )
         logprobs = plan.step(plan.prompt, plan.key_mask, plan.positions).float().log_softmax(-1)  # (B, T, V)
         results = []
@@ -274,8 +292,9 @@ class ReactiveEngine(ChatEngine):
         tokenizer: Tokenizer | None = None,
         device: str | None = None,
         update_delay_s: float = 0.0,
+        inference: str = "eager",
     ):
-        super().__init__(model, tokenizer, device)
+        super().__init__(model, tokenizer, device, inference)
         self.update_delay_s = update_delay_s  # tests slow the update down on purpose
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rxt-memory")
         self._lock = threading.Lock()  # one memory update at a time touches the model
@@ -297,9 +316,19 @@ class ReactiveEngine(ChatEngine):
                 f"session STM shape {tuple(session.tensors['stm'].shape)} != model's {expected}"
             )
 
-    def plan(self, sessions: Sequence[Session], prompts: list[list[int]]) -> TurnPlan:
+    def plan(
+        self,
+        sessions: Sequence[Session],
+        prompts: list[list[int]],
+        all_logits: bool = False,
+        max_new_tokens: int = ANSWER_RESERVE,
+    ) -> TurnPlan:
         ids, mask = left_pad(prompts, self.tokenizer.pad_id, self.device)
         stm = torch.cat([s.tensors["stm"] for s in sessions], dim=1)  # (L, B, S, D)
+        positions = positions_from_mask(mask)
+        if self.fast is not None:  # the memory K/V are projected inside the prefill
+            state = self.fast.new_state(len(sessions), ids.shape[1] + max_new_tokens)
+            return TurnPlan(ids, mask, positions, self.fast.step(state, stm, all_logits), [len(p) for p in prompts])
         with torch.no_grad():
             memory_kv = self.model.project_memory(stm)  # once per turn, reused by every step
         caches = [KVCache() for _ in self.model.decoder.layers]
@@ -309,7 +338,7 @@ class ReactiveEngine(ChatEngine):
                 tokens, memory_kv=memory_kv, key_mask=key_mask, positions=positions, caches=caches
             )
 
-        return TurnPlan(ids, mask, positions_from_mask(mask), step, [len(p) for p in prompts])
+        return TurnPlan(ids, mask, positions, step, [len(p) for p in prompts])
 
     def finish(
         self, sessions: Sequence[Session], interactions: list[list[int]], stats: list[TurnStats]

@@ -11,6 +11,11 @@ its engine's own pieces (``plan`` -> ``decode_tokens`` -> ``finish``), as a chat
     baseline       StatelessEngine "full": re-reads the whole history every turn
     cached         StatelessEngine "cached": a KV cache kept across turns; prefills only new tokens
 
+With ``--compile`` the same engines also run on the fast path (rxt.fast: static caches, prefill and
+decode compiled once), as ``rxt_compiled``, ``baseline_compiled`` and ``cached_compiled``, interleaved
+with the eager ones; their warm-up (compilation) is one whole untimed conversation, reported apart.
+``--static`` adds the fast path uncompiled (``*_static``) the same way.
+
 Per turn: prompt phase (plan + prefill), time to first token, time to last answer token, memory
 update (timed on the worker), tokens processed (prompt + answer, plus the memory encoder's input for
 RxT) and state held (the STM; the KV cache kept across turns, or for "full" the one it rebuilds over
@@ -52,7 +57,11 @@ log = logging.getLogger(__name__)
 
 # round-robin order: each RxT variant follows a stateless turn, so neither finds the RxT weights warmer in cache
 SYSTEMS = ("rxt", "baseline", "rxt_no_update", "cached")
+FAST_MODES = ("static", "compiled")  # rxt.fast's modes; each adds twins of rxt, baseline and cached: rxt_static, ...
 LABELS = {"rxt": "RxT", "baseline": "stateless, re-reads history", "cached": "stateless, persistent KV cache"}
+# the issue's targets for RxT against the persistent cache, in the same mode: (what, from turn)
+BREAKEVEN_TARGETS = {"prompt": 4, "answer": 8}
+DECODE_PARITY, DECODE_WIN_TURN = 0.95, 8
 TIMINGS = ("prompt_s", "ttft_s", "answer_s")
 FLAT_TARGET, GROWTH_TARGET, UPDATE_TOLERANCE = 1.2, 4.0, 0.05
 
@@ -127,7 +136,7 @@ def build_engines(args: argparse.Namespace) -> tuple[dict[str, ChatEngine], Mode
             raise ValueError(f"--model {args.model} is not an RxT model directory")
         config, source = rxt.config, {"model": str(args.model)}
     else:
-        config = ModelConfig.from_name(args.preset)
+        config = ModelConfig.from_name(args.preset, **config_overrides(args.set))
         rxt, source = ReactiveTransformer(config), {"preset": args.preset}
     if args.baseline_model:
         stateless = load_model(args.baseline_model, args.device)
@@ -146,9 +155,34 @@ def build_engines(args: argparse.Namespace) -> tuple[dict[str, ChatEngine], Mode
         "rxt_no_update": reactive,  # same engine and weights; its turns are just not remembered
         "cached": StatelessEngine(stateless, tokenizer, args.device, mode="cached"),
     }
+    for mode in fast_modes(args):
+        full = StatelessEngine(stateless, tokenizer, args.device, "full", inference=mode)
+        cached = StatelessEngine(stateless, tokenizer, args.device, "cached", inference=mode)
+        cached.fast = full.fast  # one decoder for both stateless modes: each graph is compiled once, not twice
+        reactive = ReactiveEngine(rxt, tokenizer, args.device, inference=mode)
+        engines.update({f"rxt_{mode}": reactive, f"baseline_{mode}": full, f"cached_{mode}": cached})
     source.update(rxt_parameters=rxt.num_parameters(), baseline_parameters=stateless.num_parameters(),
                   rxt_decoder_parameters=_decoder_parameters(rxt))
     return engines, config, source
+
+
+def fast_modes(args: argparse.Namespace) -> list[str]:
+    chosen = {"static": args.static, "compiled": args.compile}
+    return [mode for mode in FAST_MODES if chosen[mode]]
+
+
+def config_overrides(settings: list[str]) -> dict[str, Any]:
+    """``--set d_model=512`` pairs -> {"d_model": 512} (JSON values, else strings)."""
+    overrides = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes KEY=VALUE, got {setting!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
 
 
 def _decoder_parameters(model: ReactiveTransformer) -> int:
@@ -172,6 +206,20 @@ def run_conversations(
     return runs
 
 
+def warm_up_compiled(
+    engines: dict[str, ChatEngine], queries: list[list[int]], answer_tokens: int
+) -> dict[str, float]:
+    """One whole untimed conversation per fast-path system, so no graph is compiled (nor cache bucket
+    first met) while timing; seconds each took, compilation included."""
+    seconds = {}
+    for name, engine in engines.items():
+        if engine.inference != "eager":
+            start = time.perf_counter()
+            run_conversations({name: engine}, queries, answer_tokens, repeats=1)
+            seconds[name] = time.perf_counter() - start
+    return seconds
+
+
 def per_turn_rows(runs: dict[str, list[list[TurnMeasure]]]) -> list[dict[str, Any]]:
     """One row per turn: medians with min/max of every timing, tokens and state per system."""
     rows, cumulative = [], dict.fromkeys(runs, 0)
@@ -181,6 +229,7 @@ def per_turn_rows(runs: dict[str, list[list[TurnMeasure]]]) -> list[dict[str, An
             measures = [conversation[index] for conversation in conversations]
             for timing in TIMINGS:
                 _add_spread(row, f"{name}_{timing}", [getattr(m, timing) for m in measures])
+            row[f"{name}_decode_tokens_per_s"] = statistics.median(_decode_speed(m) for m in measures)
             if name == "rxt_no_update":
                 continue
             tokens = {m.stats.tokens_processed for m in measures}
@@ -193,6 +242,47 @@ def per_turn_rows(runs: dict[str, list[list[TurnMeasure]]]) -> list[dict[str, An
         _add_spread(row, "rxt_memory_update_s", [run[index].stats.memory_update_s or 0.0 for run in runs["rxt"]])
         rows.append(row)
     return rows
+
+
+def _decode_speed(measure: TurnMeasure) -> float:
+    """Tokens per second after the first answer token: the decode steps alone."""
+    steps = measure.stats.answer_tokens - 1
+    return steps / (measure.answer_s - measure.ttft_s) if steps else float("nan")
+
+
+def breakeven_turn(rows: list[dict[str, Any]], faster: str, slower: str) -> int | None:
+    """The first turn from which ``faster`` stays below ``slower`` (medians) to the last turn; None if
+    it is not below at the last turn."""
+    turn = None
+    for row in reversed(rows):
+        if row[faster] >= row[slower]:
+            break
+        turn = row["turn"]
+    return turn
+
+
+def breakeven_summary(rows: list[dict[str, Any]], suffix: str = "") -> dict[str, Any]:
+    """RxT against the persistent cache in one mode (eager, or ``suffix`` "_static" / "_compiled"):
+    break-even turns, decode speed ratios, and the issue's targets met or not."""
+    rxt, cached = "rxt" + suffix, "cached" + suffix
+    out: dict[str, Any] = {}
+    for phase in BREAKEVEN_TARGETS:
+        out[f"breakeven_{phase}_turn"] = breakeven_turn(rows, f"{rxt}_{phase}_s", f"{cached}_{phase}_s")
+    speed = [row[f"{rxt}_decode_tokens_per_s"] / row[f"{cached}_decode_tokens_per_s"] for row in rows]
+    out["decode_speed_ratio_per_turn"] = speed  # RxT tokens/s over the cached baseline's
+    out["breakeven_decode_turn"] = breakeven_turn(
+        [{"turn": row["turn"], "slow": 1.0, "fast": 1.0 / ratio} for row, ratio in zip(rows, speed, strict=True)],
+        "fast", "slow")
+    targets = {}
+    for phase, turn in BREAKEVEN_TARGETS.items():
+        found = out[f"breakeven_{phase}_turn"]
+        targets[f"{phase} faster than the persistent cache from turn {turn}"] = found is not None and found <= turn
+    targets[f"decode tokens/s >= {DECODE_PARITY}x the persistent cache's at turn 1"] = speed[0] >= DECODE_PARITY
+    if len(rows) >= DECODE_WIN_TURN:
+        win = out["breakeven_decode_turn"]
+        targets[f"decode faster from turn {DECODE_WIN_TURN}"] = win is not None and win <= DECODE_WIN_TURN
+    out["breakeven_targets"] = targets
+    return out
 
 
 def _add_spread(row: dict[str, Any], name: str, values: list[float]) -> None:
@@ -242,6 +332,12 @@ def summarize_runs(rows: list[dict[str, Any]], turn_tokens: int) -> dict[str, An
     summary["async_update_answer_ratio_per_turn_median"] = statistics.median(
         row["rxt_answer_s"] / row["rxt_no_update_answer_s"] for row in rows)
     summary["rxt_memory_update_median_s"] = statistics.median(row["rxt_memory_update_s"] for row in rows)
+    summary.update(breakeven_summary(rows))
+    for mode in FAST_MODES:
+        if f"rxt_{mode}_prompt_s" in rows[0]:
+            summary[mode] = breakeven_summary(rows, f"_{mode}")
+            summary[mode]["tokens_match_eager"] = all(
+                row[f"{name}_{mode}_tokens"] == row[f"{name}_tokens"] for row in rows for name in LABELS)
     summary["rxt_answer_median_s"] = statistics.median(row["rxt_answer_s"] for row in rows)
     summary["targets"] = {
         f"rxt_prompt_ratio <= {FLAT_TARGET}": summary["rxt_prompt_ratio"] <= FLAT_TARGET,
@@ -274,6 +370,34 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_mode_table(rows: list[dict[str, Any]], mode: str) -> str:
+    """Medians per turn of one fast mode's systems, in milliseconds, with decode speed against the cache."""
+    names = [f"{name}_{mode}" for name in LABELS]
+    head = (f"{'turn':>4} | {mode + ' prompt ms: rxt':>23} {'base':>7} {'cached':>7} | {'answer ms: rxt':>14} "
+            f"{'base':>7} {'cached':>7} | {'decode tok/s: rxt':>17} {'cached':>7}")
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        prompt = " ".join(f"{row[f'{n}_prompt_s'] * 1e3:>7.2f}" for n in names)
+        answer = " ".join(f"{row[f'{n}_answer_s'] * 1e3:>7.2f}" for n in names)
+        speed = f"{row[names[0] + '_decode_tokens_per_s']:>17.0f} {row[names[2] + '_decode_tokens_per_s']:>7.0f}"
+        lines.append(f"{row['turn']:>4} | {prompt:>39} | {answer:>30} | {speed}")
+    return "\n".join(lines)
+
+
+def format_breakeven(summary: dict[str, Any], mode: str) -> list[str]:
+    """Where RxT overtakes the persistent cache, in one mode, and the issue's targets."""
+    def turn(value: int | None) -> str:
+        return f"turn {value}" if value is not None else "no turn (slower at the last turn)"
+
+    speed = summary["decode_speed_ratio_per_turn"]
+    lines = [f"{mode}: RxT stays faster than the persistent cache from {turn(summary['breakeven_prompt_turn'])} "
+             f"(prompt phase), {turn(summary['breakeven_answer_turn'])} (whole answer), "
+             f"{turn(summary['breakeven_decode_turn'])} (decode tokens/s: {speed[0]:.2f}x at turn 1, "
+             f"{speed[-1]:.2f}x at turn {len(speed)})"]
+    return lines + [f"target ({mode}) {name}: {'met' if ok else 'NOT met'}"
+                    for name, ok in summary["breakeven_targets"].items()]
+
+
 def format_summary(summary: dict[str, Any], turn_tokens: int) -> str:
     n, s = summary["turns"], summary
     lines = []
@@ -299,6 +423,13 @@ def format_summary(summary: dict[str, Any], turn_tokens: int) -> str:
     lines.append(f"memory update (on the worker, after the answer): median {update * 1e3:.2f} ms per turn; "
                  f"done synchronously it would add {update / answer:.0%} to a {answer * 1e3:.1f} ms answer")
     lines += [f"target {name}: {'met' if ok else 'NOT met'}" for name, ok in s["targets"].items()]
+    lines += format_breakeven(s, "eager")
+    for mode in FAST_MODES:
+        if mode in s:
+            lines += format_breakeven(s[mode], mode)
+    if "warmup_s" in s:
+        lines.append("fast-path warm-up (one untimed conversation, compilation included): " + ", ".join(
+            f"{name} {seconds:.1f} s" for name, seconds in s["warmup_s"].items()))
     return "\n".join(lines)
 
 
@@ -351,6 +482,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="write per-turn results and the summary to this file")
     parser.add_argument("--plot", help="write a PNG with the two panels to this file")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run every system on the compiled fast path (rxt.fast), interleaved")
+    parser.add_argument("--static", action="store_true",
+                        help="also run every system on the fast path uncompiled (static caches), interleaved")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a --preset config value, e.g. --set d_model=512 (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -370,21 +507,29 @@ def run(args: argparse.Namespace) -> int:
     try:
         with single_threaded(args.threads):
             hardware = describe_machine(args.device)
-            run_conversations(engines, queries[:2], answer_tokens, repeats=1)  # warm-up, not timed
+            eager = {name: e for name, e in engines.items() if e.inference == "eager"}
+            run_conversations(eager, queries[:2], answer_tokens, repeats=1)  # warm-up, not timed
+            warmup_s = warm_up_compiled(engines, queries, answer_tokens)
             with tqdm(total=args.repeats * args.turns, desc="turns", disable=args.no_progress) as bar:
                 runs = run_conversations(engines, queries, answer_tokens, args.repeats, tick=bar.update)
     finally:
-        engines["rxt"].close()
+        for engine in engines.values():
+            if isinstance(engine, ReactiveEngine):
+                engine.close()
     rows = per_turn_rows(runs)
     summary = summarize_runs(rows, args.turn_tokens)
+    if warmup_s:
+        summary["warmup_s"] = warmup_s
     settings = dict(turns=args.turns, turn_tokens=args.turn_tokens, query_tokens=query_tokens,
                     answer_tokens=answer_tokens, repeats=args.repeats, threads=args.threads, seed=args.seed,
-                    device=args.device, model_config=config.to_dict(), **source)
+                    device=args.device, fast_modes=fast_modes(args), model_config=config.to_dict(), **source)
     platform_text = f"{hardware}; {platform.platform()}; torch {torch.__version__}"
     print(f"rxt bench latency: {source.get('model') or 'preset ' + source.get('preset', '?')}, "
           f"{args.turns} turns of {query_tokens}+{answer_tokens} tokens, {args.repeats} repeats, "
           f"threads={args.threads}; {platform_text}")
     print(format_table(rows))
+    for mode in fast_modes(args):
+        print(format_mode_table(rows, mode))
     print(format_summary(summary, args.turn_tokens))
     if args.json:
         record = {"turns": rows, "summary": summary, "config": settings, "hardware": platform_text}

@@ -368,6 +368,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch,
                         help="RxT: turns of different sessions decoded together in one continuously refilled "
                              f"batch (default {defaults.max_batch}); 1: one turn at a time per model thread")
+    parser.add_argument("--compile", action="store_true",
+                        help="static caches and compiled prefill/decode (rxt.fast) for turns answered one at a "
+                             "time (stateless models, or RxT with --max-batch 1)")
     parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
                         help="turns that may wait for a row; beyond this the server answers 429 with Retry-After "
                              f"(default {defaults.max_queue})")
@@ -417,10 +420,14 @@ def run(args: argparse.Namespace) -> int:
         delay_s = float(os.environ.get(DELAY_ENV) or 0)
     except ValueError:
         return _fail(f"{DELAY_ENV} must be a number of seconds, got {os.environ[DELAY_ENV]!r}")
+    inference = "compiled" if args.compile else "eager"
     if isinstance(model, ReactiveTransformer):
-        engine: ChatEngine = ReactiveEngine(model, update_delay_s=delay_s)
+        engine: ChatEngine = ReactiveEngine(model, update_delay_s=delay_s, inference=inference)
+        if args.compile and args.max_batch > 1:
+            log.warning("--compile applies to turns answered one at a time: continuous batching "
+                        "(--max-batch %d) decodes on the eager path; pass --max-batch 1 to compile", args.max_batch)
     else:  # a stateless model: its session state is the history; the server re-reads it (or its KV cache)
-        engine = StatelessEngine(model, mode=args.baseline or "cached")
+        engine = StatelessEngine(model, mode=args.baseline or "cached", inference=inference)
     settings = ServeSettings(
         model_name=args.model_name or Path(args.model).resolve().name,
         max_body_bytes=args.max_body_bytes, max_state_bytes=args.max_state_bytes,
