@@ -6,12 +6,13 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from tokenizers import Tokenizer as HFTokenizer
 
 from rxt.baselines import StatelessEngine
 from rxt.config import ModelConfig
 from rxt.engine import ChatEngine, ReactiveEngine
 from rxt.model import ReactiveTransformer, StatelessLM
-from rxt.tokenizer import Tokenizer
+from rxt.tokenizer import Tokenizer, chatml_template
 
 CHAT_LINES = [
     "Hi, my name is {name} and I live in {city}.",
@@ -82,3 +83,24 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# llama layout, as an imported model has: GQA self-attention (4 query heads, 2 KV heads)
+LLAMA_TINY = dict(n_layers=4, n_q_heads=4, n_kv_heads=2, rope_theta=500.0, norm_eps=1e-5)
+
+
+@pytest.fixture
+def chat_base(tiny_tokenizer) -> StatelessLM:
+    """A tiny llama-layout base with a ChatML template whose preamble is a system message, as an
+    imported model has."""
+    backend = HFTokenizer.from_str(tiny_tokenizer.backend.to_str())
+    backend.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tokenizer = Tokenizer(backend, chatml_template(system="You are a tiny test model."))
+    torch.manual_seed(3)
+    model = StatelessLM(ModelConfig.from_name("tiny", vocab_size=tokenizer.vocab_size, **LLAMA_TINY))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, 0.2)
+    model.tokenizer = tokenizer
+    return model.eval()

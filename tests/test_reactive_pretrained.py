@@ -12,15 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer
 
 from rxt.baselines import StatelessEngine
-from rxt.config import ModelConfig
 from rxt.engine import ReactiveEngine
 from rxt.generation import SamplingConfig, left_pad
 from rxt.model import StatelessLM
 from rxt.pretrained.reactive import ReactiveConfig, ReactivePretrained, base_sha256, dialogue_loss
-from rxt.tokenizer import Tokenizer, chatml_template
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,22 +30,6 @@ PROMPTS = ["Hi, my name is Ada and I live in Oslo.", "What is the name of my cat
 @pytest.fixture
 def base(make_tiny_model) -> StatelessLM:
     return make_tiny_model(StatelessLM, seed=1, **BASE)
-
-
-@pytest.fixture
-def chat_base(tiny_tokenizer) -> StatelessLM:
-    """A tiny base with a ChatML template whose preamble is a system message, as an imported model has."""
-    backend = HFTokenizer.from_str(tiny_tokenizer.backend.to_str())
-    backend.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    tokenizer = Tokenizer(backend, chatml_template(system="You are a tiny test model."))
-    torch.manual_seed(3)
-    model = StatelessLM(ModelConfig.from_name("tiny", vocab_size=tokenizer.vocab_size, **BASE))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0.0, 0.2)
-    model.tokenizer = tokenizer
-    return model.eval()
 
 
 def reactive(base: StatelessLM, config: ReactiveConfig = REACTIVE, sha: str = "") -> ReactivePretrained:

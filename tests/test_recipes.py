@@ -17,12 +17,29 @@ def test_every_recipe_validates(path, tmp_path, monkeypatch):
         make_data = runpy.run_path(str(path.parent / "make_data.py"))["main"]
         make_data(tmp_path / "experiments" / path.parent.name / "data")
         monkeypatch.chdir(tmp_path)
-    data = (yaml.safe_load(path.read_text()).get("data") or {})
+    raw = yaml.safe_load(path.read_text())
+    if raw.get("kind") == "reactive-pretrained":
+        _validate_reactive(raw, tmp_path, monkeypatch, path)
+        return
+    data = (raw.get("data") or {})
     if any(str(data.get(k, "")).startswith("data/") for k in ("train_file", "heldout_file")) or data.get("text_files"):
         _stand_in_fetched_data(data, tmp_path)  # what `rxt data fetch` prepares, in miniature
         monkeypatch.chdir(tmp_path)
     recipe = load_recipe(path)
     assert recipe.stages.smat.steps > 0
+
+
+def _validate_reactive(raw: dict, root: Path, monkeypatch, path: Path) -> None:
+    """A reactive-pretrained recipe names an imported base and fetched chitchat: stand-ins of both."""
+    from rxt.pretrained.training import load_reactive_recipe
+
+    (root / raw["base"]).mkdir(parents=True, exist_ok=True)
+    (root / raw["base"] / "config.json").write_text("{}")
+    if raw["data"].get("chitchat_file"):
+        _stand_in_fetched_data({"train_file": raw["data"]["chitchat_file"]}, root)
+    monkeypatch.chdir(root)
+    recipe = load_reactive_recipe(path)
+    assert recipe.train.steps > 0 and recipe.data.fact_share > 0
 
 
 def _stand_in_fetched_data(data: dict, root: Path) -> None:

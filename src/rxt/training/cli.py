@@ -1,5 +1,8 @@
 """`rxt train --recipe recipes/nano.yaml --out DIR`: every curriculum stage and the baseline, end to end.
 
+A recipe with ``kind: reactive-pretrained`` (e.g. recipes/smollm2-reactive.yaml) trains the adapter of
+a pretrained decoder made reactive instead (rxt.pretrained.training).
+
 Multi-process: ``torchrun --nproc_per_node N -m rxt.cli train --recipe ... --out ...``.
 """
 
@@ -21,12 +24,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--only", choices=("rxt", "baseline"),
                         help="train one model only (the two are independent: run both at once, same --out)")
+    parser.add_argument("--device", default="auto",
+                        help="reactive-pretrained recipes: cpu, cuda, cuda:N or auto (cuda when there is one); "
+                        "the RxT recipes use cuda when there is one")
 
 
 def run(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe)
-    torch.set_num_threads(recipe.threads)
-    summary = RecipeRun(recipe, args.out, resume=args.resume, progress=not args.no_progress).run(args.only)
+    from rxt.pretrained.training import ReactiveRun, is_reactive_recipe, load_reactive_recipe
+
+    if is_reactive_recipe(args.recipe):
+        if args.only:
+            raise ValueError("--only picks a model of an RxT recipe; a reactive-pretrained recipe trains one adapter")
+        reactive = load_reactive_recipe(args.recipe)
+        torch.set_num_threads(reactive.threads)
+        summary = ReactiveRun(reactive, args.out, args.resume, args.device, not args.no_progress).run()
+    else:
+        if args.device != "auto":
+            raise ValueError("--device is for reactive-pretrained recipes; an RxT recipe uses cuda when there is one")
+        recipe = load_recipe(args.recipe)
+        torch.set_num_threads(recipe.threads)
+        summary = RecipeRun(recipe, args.out, resume=args.resume, progress=not args.no_progress).run(args.only)
     if summary:
         print(json.dumps(summary, indent=2))
     return 0

@@ -92,6 +92,11 @@ class Trainer:
     bf16_autocast: bool = False
     progress: bool = True
     extra_metrics: dict[str, Any] = field(default_factory=dict)
+    # what a checkpoint keeps of the model (default: its whole state_dict); a frozen pretrained base
+    # need not be written every checkpoint, only what trains
+    model_state: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
+    monitor: Callable[[nn.Module], dict[str, float]] | None = None  # extra held-out metrics at each evaluation
+    on_checkpoint: Callable[[nn.Module], None] | None = None  # after each checkpoint (rank 0), e.g. export
 
     def __post_init__(self) -> None:
         self.rank, self.world = init_distributed()
@@ -130,11 +135,13 @@ class Trainer:
             self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
             state = {
                 "stage": self.stage, "step": self.step, "tokens_seen": self.tokens_seen,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "model": self._model_state(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
             }
             save_checkpoint(self.checkpoint_path, state)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(self.model)
         if self.world > 1:
             dist.barrier()
 
@@ -142,7 +149,7 @@ class Trainer:
         if not self.checkpoint_path.is_file():
             return False
         state = load_checkpoint(self.checkpoint_path, self.device)
-        self.model.load_state_dict(state["model"])
+        self._load_model_state(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
@@ -151,6 +158,19 @@ class Trainer:
         np.random.set_state(state["rng"]["numpy"])
         log.info("%s: resumed at step %d", self.stage, self.step)
         return True
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict() if self.model_state is None else self.model_state(self.model)
+
+    def _load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.model_state is None:
+            self.model.load_state_dict(state)
+            return
+        expected = set(self.model_state(self.model))
+        if set(state) != expected:
+            raise ValueError(f"{self.checkpoint_path}: the checkpoint does not hold this model's trained weights "
+                             f"(missing {sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]})")
+        self.model.load_state_dict(state, strict=False)
 
     # ---- training ------------------------------------------------------------------------------
     def _generator(self, micro: int) -> torch.Generator:
@@ -226,6 +246,9 @@ class Trainer:
             record = self.step % self.log_every == 0 or done
             if self.spec.eval_every and self.step % self.spec.eval_every == 0 or done:
                 metrics["eval_loss"] = self.evaluate()
+                if self.monitor is not None and self.rank == 0:
+                    metrics.update(self.monitor(self.model))
+                    self.model.train()
                 record = True
             if record:
                 self._log({**metrics, "tok_s": round(tok_s, 1), "lr": self.scheduler.get_last_lr()[0]})

@@ -1,0 +1,147 @@
+"""Training a pretrained decoder made reactive: the recipe, the batches, the memory control, and exact
+resume (a run killed after a checkpoint and resumed ends with the same adapter as one left alone)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rxt.data.dialogues import Dialogue, Turn
+from rxt.data.jsonl import write_dialogues
+from rxt.pretrained.reactive import ReactiveConfig, ReactivePretrained
+from rxt.pretrained.training import (
+    ReactiveDataSpec,
+    ReactiveRecipe,
+    ReactiveRun,
+    TrainingDialogues,
+    dialogue_batch,
+    heldout_fact_dialogues,
+    load_reactive_recipe,
+    memory_aware_loss,
+    memory_control,
+)
+from rxt.training.recipe import StageSpec
+from rxt.training.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REACTIVE = ReactiveConfig(memory_layers=[1, 3], cross_n_q_heads=2, cross_n_kv_heads=2, stm_slots=8, write_slots=2)
+
+
+def chitchat(path: Path) -> Path:
+    write_dialogues(path, [Dialogue(f"c{i}", [Turn("Hi there, how are you?", "Fine, and you?"),
+                                              Turn("I cooked pasta today.", f"Nice, I ate {i} apples."),
+                                              Turn("Cool.", "Yes.")]) for i in range(5)])
+    return path
+
+
+def recipe(tmp_path: Path, base_dir: Path, steps: int = 4) -> ReactiveRecipe:
+    data = ReactiveDataSpec(fact_share=0.5, min_turns=2, max_turns=4, max_distance=3,
+                            chitchat_file=str(chitchat(tmp_path / "chat.jsonl")), heldout_dialogues=3)
+    train = StageSpec(steps=steps, batch_size=2, grad_accum=2, lr=3e-3, warmup_steps=1, eval_every=2)
+    return ReactiveRecipe(base=str(base_dir), reactive=REACTIVE, data=data, train=train, checkpoint_every=2).validate()
+
+
+def test_a_batch_of_dialogues_of_different_lengths_scores_as_each_alone(chat_base):
+    torch.manual_seed(0)
+    model = ReactivePretrained(copy.deepcopy(chat_base), REACTIVE)
+    with torch.no_grad():  # a memory that is read, so the padding and dropped rows would show
+        for i in REACTIVE.memory_layers:
+            model.decoder.layers[i].memory_cross_attention.o_proj.weight.normal_(0.0, 0.2)
+    spec = ReactiveDataSpec(min_turns=2, max_turns=5, max_distance=3)
+    dialogues = heldout_fact_dialogues(dataclasses.replace(spec, heldout_dialogues=3))
+    assert len({len(d.turns) for d in dialogues}) > 1
+    together = memory_aware_loss(model, dialogue_batch(dialogues, model.tokenizer).data)[0]
+    alone = sum(memory_aware_loss(model, dialogue_batch([d], model.tokenizer).data)[0] for d in dialogues)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-4)
+    batch = dialogue_batch(dialogues, model.tokenizer, recall_weight=3.0)
+    recall_rows = sum(t.check is not None for d in dialogues for t in d.turns)
+    assert recall_rows and batch.count > dialogue_batch(dialogues, model.tokenizer).count
+
+
+def test_the_answer_mask_covers_the_answer_and_closing_not_the_system_message_or_prompt(chat_base):
+    tok = chat_base.tokenizer
+    turn = dialogue_batch([Dialogue("d", [Turn("Where do I live?", "In Oslo.")])], tok).data[0]
+    ids, answer = turn["ids"][0], turn["answer"][0]
+    assert tok.decode(ids[answer].tolist()).strip() == "In Oslo."
+    assert ids[: len(tok.preamble())].tolist() == tok.preamble()
+
+
+def test_before_training_own_other_and_wiped_memory_score_alike(chat_base):
+    model = ReactivePretrained(copy.deepcopy(chat_base), REACTIVE)
+    control = memory_control(model, heldout_fact_dialogues(ReactiveDataSpec(min_turns=2, max_turns=4,
+                                                                            max_distance=3, heldout_dialogues=3)))
+    assert control["recall_questions"] > 0
+    assert control["recall_loss_own"] == control["recall_loss_other"] == control["recall_loss_wiped"]
+
+
+def test_training_mixes_fact_dialogues_and_chitchat_by_index_alone(tmp_path, chat_base):
+    spec = recipe(tmp_path, chat_base.save_pretrained(tmp_path / "base")).data
+    first, again = TrainingDialogues(spec), TrainingDialogues(spec)
+    kinds = [first[i].id.startswith("c") for i in range(40)]
+    assert 5 < sum(kinds) < 35
+    assert [again[i].id for i in range(40)] == [first[i].id for i in range(40)]
+
+
+def adapter(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "adapter" / "adapter.safetensors"))
+
+
+def test_a_run_resumed_from_a_checkpoint_ends_with_the_same_adapter(tmp_path, chat_base):
+    base_dir = chat_base.save_pretrained(tmp_path / "base")
+    plan = recipe(tmp_path, base_dir)
+    whole = ReactiveRun(plan, tmp_path / "whole", progress=False)
+    whole.run()
+    assert (tmp_path / "whole" / "adapter" / "control.json").is_file()
+    # the other run is stopped after its first checkpoint (step 2), then resumed to the end
+    cut = ReactiveRun(plan, tmp_path / "cut", progress=False)
+    model = cut.build_model()
+    trainer = cut.trainer(model)
+    for _ in range(2):
+        trainer.train_step()
+    trainer.save_checkpoint()
+    saved = load_file(str(tmp_path / "cut" / "checkpoints" / "reactive.safetensors"))
+    assert any("memory_cross_attention" in key for key in saved)  # the adapter, and none of the base
+    assert not any("self_attention" in key or "embedding" in key or "ffn." in key for key in saved)
+    with pytest.raises(FileExistsError, match="--resume"):
+        ReactiveRun(plan, tmp_path / "cut", progress=False)
+    ReactiveRun(plan, tmp_path / "cut", resume=True, progress=False).run()
+    one, two = adapter(tmp_path / "whole"), adapter(tmp_path / "cut")
+    assert one.keys() == two.keys()
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    fresh = ReactivePretrained.from_base(base_dir, REACTIVE).adapter_state_dict()
+    assert any(not torch.equal(one[k], fresh[k].to(one[k].dtype)) for k in one)  # it did train
+    loaded = ReactivePretrained.from_pretrained(tmp_path / "whole" / "adapter", base_dir)
+    assert loaded.config == REACTIVE
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path, chat_base):
+    base_dir = chat_base.save_pretrained(tmp_path / "base")
+    run = ReactiveRun(recipe(tmp_path, base_dir), tmp_path / "out", progress=False)
+    trainer = run.trainer(run.build_model())
+    trainer.save_checkpoint()
+    other = ReactivePretrained.from_base(base_dir, dataclasses.replace(REACTIVE, memory_layers=[0, 2]))
+    stranger = Trainer(other, trainer.stage, trainer.spec, trainer.make_batch, trainer.loss_fn, trainer.work_dir,
+                       model_state=lambda m: m.adapter_state_dict())
+    with pytest.raises(ValueError, match="does not hold this model's trained weights"):
+        stranger.load_checkpoint()
+
+
+def test_bad_recipes_are_refused(tmp_path, chat_base):
+    base_dir = chat_base.save_pretrained(tmp_path / "base")
+    with pytest.raises(FileNotFoundError, match="rxt import gguf"):
+        ReactiveRecipe(base=str(tmp_path / "nowhere")).validate()
+    with pytest.raises(ValueError, match="chitchat_file"):
+        ReactiveRecipe(base=str(base_dir), data=ReactiveDataSpec(fact_share=0.5)).validate()
+    with pytest.raises(ValueError, match="fact_share"):
+        ReactiveRecipe(base=str(base_dir), data=ReactiveDataSpec(fact_share=1.5)).validate()
+    path = tmp_path / "r.yaml"
+    path.write_text(f"kind: reactive-pretrained\nbase: {base_dir}\ndata: {{fact_share: 1.0}}\ntrain: {{steps: 2}}\n"
+                    "reactive: {memory_layer: [1]}\n")
+    with pytest.raises(ValueError, match="unknown keys \\['memory_layer'\\]"):
+        load_reactive_recipe(path)
