@@ -117,7 +117,7 @@ def test_a_run_resumed_from_a_checkpoint_ends_with_the_same_adapter(tmp_path, ch
     fresh = ReactivePretrained.from_base(base_dir, REACTIVE).adapter_state_dict()
     assert any(not torch.equal(one[k], fresh[k].to(one[k].dtype)) for k in one)  # it did train
     loaded = ReactivePretrained.from_pretrained(tmp_path / "whole" / "adapter", base_dir)
-    assert loaded.config == REACTIVE
+    assert loaded.reactive == REACTIVE
 
 
 def test_a_checkpoint_of_another_model_is_refused(tmp_path, chat_base):

@@ -15,7 +15,7 @@ from typing import TextIO
 from rxt.baselines import MODES, StatelessEngine
 from rxt.engine import AnswerEvent, ChatEngine, ReactiveEngine, TokenEvent
 from rxt.generation import SamplingConfig
-from rxt.model import ReactiveTransformer, load_model
+from rxt.model import ReactiveTransformer, StatelessLM, load_model
 from rxt.session import Session, SessionStateError, TurnStats
 
 HELP = """commands:
@@ -172,13 +172,16 @@ def format_stats(stats: list[TurnStats], update_running: bool = False) -> str:
 
 
 def build_engine(
-    model_dir: str, baseline: str | None = None, device: str = "cpu", compile: bool = False
+    model_dir: str, baseline: str | None = None, device: str = "cpu", compile: bool = False, base: str | None = None
 ) -> ChatEngine:
-    """An RxT engine for an RxT directory; a baseline engine (default mode "full") for a stateless one.
-    ``compile``: the compiled fast path (rxt.fast; the first turns wait for compilation)."""
-    model = load_model(model_dir, device)
+    """An RxT engine for an RxT directory or a reactive adapter (with its ``base``); a baseline engine
+    (default mode "full") for a stateless one. ``compile``: the compiled fast path (rxt.fast; the first
+    turns wait for compilation)."""
+    model = load_model(model_dir, device, base)
     inference = "compiled" if compile else "eager"
-    if isinstance(model, ReactiveTransformer):
+    if compile and not isinstance(model, ReactiveTransformer | StatelessLM):
+        raise ValueError("--compile runs rxt's own models; a reactive adapter runs on the eager path")
+    if not isinstance(model, StatelessLM):
         if baseline is not None:
             raise ValueError(
                 f"{model_dir} holds an RxT model; --baseline applies only to a stateless model directory"
@@ -189,6 +192,8 @@ def build_engine(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="a model directory (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("--base", help="for a reactive adapter directory (adapter.json): its pretrained base model "
+                        "directory (default: where adapter.json says it was)")
     parser.add_argument("--baseline", choices=MODES, help="stateless directories only: how to keep the history "
                         "(default full)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -210,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             seed=args.seed,
         )
-        engine = build_engine(args.model_dir, args.baseline, args.device, compile=args.compile)
+        engine = build_engine(args.model_dir, args.baseline, args.device, compile=args.compile, base=args.base)
     except (OSError, ValueError) as error:
         print(f"rxt chat: {error}", file=sys.stderr)
         return 2

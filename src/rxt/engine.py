@@ -373,3 +373,18 @@ class ReactiveEngine(ChatEngine):
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)
+
+
+class NoMemoryEngine(ReactiveEngine):
+    """An RxT that never writes its memory: every turn reads STM_0. The control that separates what the
+    memory carries from what the decoder makes of the current message alone (and the template's
+    preamble); nothing is encoded, so a turn costs its prompt and answer only."""
+
+    model_type = "rxt-no-memory"
+
+    def finish(
+        self, sessions: Sequence[Session], interactions: list[list[int]], stats: list[TurnStats]
+    ) -> None:
+        for session, stat in zip(sessions, stats, strict=True):
+            session.turns += 1
+            stat.state_bytes = session.state_bytes()

@@ -245,9 +245,16 @@ MODEL_TYPES: dict[str, type[DecoderLM]] = {"rxt": ReactiveTransformer, "stateles
 
 
 def load_model(
-    directory: str | Path, device: str | torch.device = "cpu"
-) -> ReactiveTransformer | StatelessLM:
-    """Load any rxt model directory, whichever its type."""
+    directory: str | Path, device: str | torch.device = "cpu", base: str | Path | None = None
+) -> Any:
+    """Load any rxt model directory, whichever its type: an RxT, a stateless model, or a reactive adapter
+    (adapter.json) assembled with its pretrained base (``base``, or where adapter.json says it was)."""
+    if (Path(directory) / "adapter.json").is_file():
+        from rxt.pretrained.reactive import ReactivePretrained  # (it builds on this module)
+
+        return ReactivePretrained.from_pretrained(directory, base, device)
+    if base is not None:
+        raise ValueError(f"{directory} is not a reactive adapter directory (no adapter.json): a base applies only to one")
     config = Path(directory) / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{directory} is not an rxt model directory: config.json is missing")

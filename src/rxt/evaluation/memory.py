@@ -35,7 +35,6 @@ from tqdm import tqdm
 
 from rxt.engine import ChatEngine
 from rxt.evaluation.memory_tasks import (
-    DISTANCES,
     HALVES,
     KINDS,
     SUITE_FILE,
@@ -48,8 +47,17 @@ from rxt.evaluation.memory_tasks import (
     half_sha256,
     known_words,
     load_suite,
+    task_distances,
 )
-from rxt.evaluation.recall import HISTORIES, build_engines, is_correct, prompt_tokens, tokens_read
+from rxt.evaluation.recall import (
+    BASELINE_MODES,
+    HISTORIES,
+    add_engine_arguments,
+    build_engines,
+    is_correct,
+    prompt_tokens,
+    tokens_read,
+)
 from rxt.generation import SamplingConfig
 
 OUTCOMES = ("right", "stale", "another_fact", "abstained", "invented", "wrong")
@@ -333,8 +341,9 @@ def plot(report: MemoryReport, path: str) -> None:
 
 # -- command line --------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="a model directory, RxT or stateless")
+    parser.add_argument("--model", help="a model directory, RxT or stateless, or a reactive adapter directory")
     parser.add_argument("--baseline", help="a stateless model directory to compare an RxT --model with")
+    add_engine_arguments(parser)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="TASK",
                         help=f"tasks to run, of {', '.join(TASKS)}")
     parser.add_argument("--half", choices=HALVES, default="heldout",
@@ -343,6 +352,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="whose answers each model keeps as history: its own (a real chat) or the suite's "
                         "hand-written reference answers")
     parser.add_argument("--per-task", type=int, default=8, help="dialogues per task and distance")
+    parser.add_argument("--max-distance", type=int, help="only the distances up to this many turns")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -355,14 +365,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_type(directory: str, option: str) -> str:
+    if (Path(directory) / "adapter.json").is_file():
+        return "rxt-pretrained"  # a reactive adapter: an RxT around a pretrained base
     config = Path(directory) / "config.json"
     if not config.is_file():
         raise ValueError(f"{option} {directory}: not a model directory (no config.json there)")
     return json.loads(config.read_text()).get("model_type", "")
 
 
-def engines_for(model: str | None, baseline: str | None, device: str = "cpu") -> dict[str, ChatEngine]:
-    """``--model`` may be an RxT or a stateless directory; ``--baseline`` goes with an RxT ``--model``."""
+def engines_for(model: str | None, baseline: str | None, device: str = "cpu", base: str | None = None,
+                baselines: Sequence[str] = tuple(BASELINE_MODES), no_memory: bool = False) -> dict[str, ChatEngine]:
+    """``--model`` may be an RxT, a reactive adapter or a stateless directory; ``--baseline`` goes with an
+    RxT ``--model``."""
     if not model and not baseline:
         raise ValueError("give --model (an RxT or stateless model directory)")
     if baseline and _model_type(baseline, "--baseline") != "stateless":
@@ -370,8 +384,8 @@ def engines_for(model: str | None, baseline: str | None, device: str = "cpu") ->
     if model and _model_type(model, "--model") == "stateless":
         if baseline:
             raise ValueError("--model is a stateless model: --baseline compares one with an RxT --model")
-        return build_engines(None, model, device)
-    return build_engines(model, baseline, device)
+        return build_engines(None, model, device, baselines=baselines)
+    return build_engines(model, baseline, device, base, baselines, no_memory)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -381,10 +395,10 @@ def run(args: argparse.Namespace) -> int:
         if path and not Path(path).resolve().parent.is_dir():  # found out before the run, not after it
             raise ValueError(f"{option} {path}: no such directory {Path(path).resolve().parent}")
     suite = load_suite(args.half)
-    dialogues = build_dialogues(suite, tuple(args.tasks), args.per_task, args.seed)
-    engines = engines_for(args.model, args.baseline, args.device)
+    dialogues = build_dialogues(suite, tuple(args.tasks), args.per_task, args.seed, args.max_distance)
+    engines = engines_for(args.model, args.baseline, args.device, args.base, args.baselines, args.no_memory)
     settings = {"seed": args.seed, "per_task": args.per_task, "max_new_tokens": args.max_new_tokens,
-                "distances": {t: list(DISTANCES[t]) for t in args.tasks},
+                "distances": {t: list(task_distances(t, args.max_distance)) for t in args.tasks},
                 "distance_counts": {t: DISTANCE_MEANS[t] for t in args.tasks}}
     report = evaluate_memory(engines, suite, dialogues, args.history, args.batch_size, args.max_new_tokens,
                              settings=settings)

@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 from rxt.data.dialogues import Dialogue
 from rxt.data.jsonl import DialogueList
-from rxt.engine import ChatEngine, ReactiveEngine
-from rxt.evaluation.recall import build_engines, tokens_read
+from rxt.engine import ChatEngine
+from rxt.evaluation.recall import add_engine_arguments, build_engines, tokens_read
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,10 @@ def _label(low: int, high: int | None) -> str:
     return str(low) if high == low else f"{low}+" if high is None else f"{low}-{high}"
 
 
-NO_MEMORY = "rxt_no_memory"
-
-
 @torch.no_grad()
 def evaluate_perplexity(engines: dict[str, ChatEngine], dialogues: Sequence[Dialogue], batch_size: int = 8,
                         progress: bool = True) -> PerplexityReport:
-    """``engines`` may hold NO_MEMORY: an RxT engine whose sessions forget every turn."""
+    """``engines`` may hold rxt_no_memory: an RxT engine that never writes its memory (NoMemoryEngine)."""
     report = PerplexityReport(list(engines))
     batches = [dialogues[i : i + batch_size] for i in range(0, len(dialogues), batch_size)]
     bar = tqdm(total=len(batches) * len(engines), desc="perplexity", disable=not progress)
@@ -112,21 +109,14 @@ def _run_batch(name: str, engine: ChatEngine, batch: Sequence[Dialogue], report:
         active = [(s, d.turns[t]) for s, d in zip(sessions, batch, strict=True) if t < len(d.turns)]
         live = [s for s, _ in active]
         queries, answers = [x.query for _, x in active], [x.answer for _, x in active]
-        if name == NO_MEMORY:  # a fresh memory each turn: only the decoder's reading counts
-            for session in live:
-                engine.reset(session)
-            read = [n - len(engine.tokenizer.interaction(q, a)) for n, q, a in
-                    zip(tokens_read(engine, live, queries, answers), queries, answers, strict=True)]
-        else:
-            read = tokens_read(engine, live, queries, answers)  # RxT: the memory encoder reads each turn once more
+        read = tokens_read(engine, live, queries, answers)  # RxT: the memory encoder reads each turn once more
         for (nll, count), tokens in zip(engine.score(live, queries, answers), read, strict=True):
             report.nll[name][t + 1] += nll
             report.count[name][t + 1] += count
             report.processed[name][t + 1] += tokens
         if name == report.models[0]:
             report.answers[t + 1] += len(active)
-        if name != NO_MEMORY:
-            engine.observe(live, queries, answers)
+        engine.observe(live, queries, answers)  # (rxt_no_memory writes nothing: STM_0 every turn)
         for session in live:
             session.wait()
             report.state[name][t + 1].append(engine.state_bytes(session))
@@ -148,7 +138,7 @@ def print_table(data: dict) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="RxT model directory")
+    parser.add_argument("--model", help="RxT model directory, or a reactive adapter directory")
     parser.add_argument("--baseline", help="stateless model directory (full history, current turn, window)")
     parser.add_argument("--data", required=True, help="dialogue JSONL (e.g. data/chitchat/heldout.jsonl)")
     parser.add_argument("--dialogues", type=int, help="score the first N dialogues only (default: all)")
@@ -156,6 +146,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-chars", type=int, default=0, help="cut each message to this many characters (0: no cut)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu")
+    add_engine_arguments(parser, no_memory=False)  # (the no-memory control always runs beside an RxT)
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -171,9 +163,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     dialogues = DialogueList.read(args.data, args.max_turns, args.max_chars).dialogues
     dialogues = dialogues[: args.dialogues] if args.dialogues else dialogues
-    engines = build_engines(args.model, args.baseline)
-    if "rxt" in engines:  # the same model and weights, its memory wiped every turn
-        engines[NO_MEMORY] = ReactiveEngine(engines["rxt"].model, engines["rxt"].tokenizer)
+    # with an RxT, also the same model and weights reading STM_0 at every turn
+    engines = build_engines(args.model, args.baseline, args.device, args.base, args.baselines, no_memory=bool(args.model))
     data = evaluate_perplexity(engines, dialogues, args.batch_size, progress=not args.no_progress).to_dict()
     data["params"] = {name: engine.model.num_parameters() for name, engine in engines.items()}
     data["data"], data["max_turns"], data["max_chars"] = args.data, args.max_turns, args.max_chars

@@ -229,11 +229,10 @@ def _count_answer(report: RecallReport, name: str, dialogue: Dialogue, t: int, t
 
 
 def prompt_tokens(engine: ChatEngine, sessions, queries) -> list[int]:
-    """Tokens each model reads before its answer: the history it re-reads (stateless) and the prompt."""
+    """Tokens each model reads before its answer: the history it re-reads (stateless) and the prompt
+    (for an imported chat model's RxT, the template's preamble opens every turn's prompt)."""
     return [
-        len(engine.context(s)) + len(engine.tokenizer.prompt(q))
-        if hasattr(engine, "context")
-        else len(engine.tokenizer.prompt(q))
+        len(engine.context(s)) + len(engine.turn_prompt(q)) if hasattr(engine, "context") else len(engine.turn_prompt(q))
         for s, q in zip(sessions, queries, strict=True)
     ]
 
@@ -241,24 +240,36 @@ def prompt_tokens(engine: ChatEngine, sessions, queries) -> list[int]:
 def tokens_read(engine: ChatEngine, sessions, queries, answers) -> list[int]:
     """Tokens processed for one turn of each session, ``answers`` being the ones the history keeps: the
     prompt with its history, the answer, and for RxT the memory encoder's reading of the interaction."""
-    tokens = []
-    for session_tokens, query, answer in zip(prompt_tokens(engine, sessions, queries), queries, answers, strict=True):
-        interaction = len(engine.tokenizer.interaction(query, answer))
-        tokens.append(session_tokens + interaction - len(engine.tokenizer.prompt(query))
-                      + (interaction if engine.model_type == "rxt" else 0))
+    tokens, tok = [], engine.tokenizer
+    for read, query, answer in zip(prompt_tokens(engine, sessions, queries), queries, answers, strict=True):
+        answered = len(tok.answer(answer)) + len(tok.closing())
+        encoded = len(engine.turn_prompt(query)) + answered if engine.model_type == "rxt" else 0
+        tokens.append(read + answered + encoded)
     return tokens
 
 
+BASELINE_MODES = {"stateless": "full", "current_turn": "current", "window": "window"}  # label -> engine mode
+NO_MEMORY = "rxt_no_memory"
+
+
 def build_engines(
-    rxt_dir: str | None, baseline_dir: str | None, device: str = "cpu"
+    rxt_dir: str | None, baseline_dir: str | None, device: str = "cpu", base: str | None = None,
+    baselines: Sequence[str] = tuple(BASELINE_MODES), no_memory: bool = False,
 ) -> dict[str, ChatEngine]:
+    """The RxT (a model directory, or a reactive adapter with its ``base``), the stateless baseline in
+    each of ``baselines``, and with ``no_memory`` the same RxT reading STM_0 at every turn."""
     from rxt.baselines import StatelessEngine
-    from rxt.engine import ReactiveEngine
-    from rxt.model import ReactiveTransformer, StatelessLM
+    from rxt.engine import NoMemoryEngine, ReactiveEngine
+    from rxt.model import StatelessLM, load_model
 
     engines: dict[str, ChatEngine] = {}
     if rxt_dir:
-        engines["rxt"] = ReactiveEngine(ReactiveTransformer.from_pretrained(rxt_dir), device=device)
+        model = load_model(rxt_dir, device, base)
+        if isinstance(model, StatelessLM):
+            raise ValueError(f"--model {rxt_dir}: a stateless model; give it as --baseline")
+        engines["rxt"] = ReactiveEngine(model, device=device)
+        if no_memory:
+            engines[NO_MEMORY] = NoMemoryEngine(model, device=device)
     if baseline_dir:
         baseline = StatelessLM.from_pretrained(baseline_dir)
         window = None
@@ -266,11 +277,24 @@ def build_engines(
             from rxt.baselines import window_tokens_for
 
             window = window_tokens_for(engines["rxt"].model.config)
-        for mode, label in (("full", "stateless"), ("current", "current_turn"), ("window", "window")):
-            engines[label] = StatelessEngine(baseline, device=device, mode=mode, window_tokens=window)
+        for label in baselines:
+            engines[label] = StatelessEngine(baseline, device=device, mode=BASELINE_MODES[label], window_tokens=window)
     if not engines:
         raise ValueError("give --model (an RxT directory) and/or --baseline (a stateless directory)")
     return engines
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, no_memory: bool = True) -> None:
+    """The options every evaluation shares for a reactive adapter, the baseline's reading modes and the
+    no-memory control."""
+    parser.add_argument("--base", help="with a reactive adapter directory (adapter.json) as --model: its pretrained "
+                        "base directory (default: where adapter.json says it was)")
+    parser.add_argument("--baselines", nargs="+", choices=tuple(BASELINE_MODES), default=list(BASELINE_MODES),
+                        help="how the stateless baseline reads the conversation: the full history, the current "
+                        "turn only, a window of history as big as the RxT memory")
+    if no_memory:
+        parser.add_argument("--no-memory", action="store_true",
+                            help=f"also the RxT with its memory never written ({NO_MEMORY}: STM_0 at every turn)")
 
 
 def print_table(report: RecallReport) -> None:
@@ -325,8 +349,9 @@ def plot(report: RecallReport, path: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="RxT model directory")
+    parser.add_argument("--model", help="RxT model directory, or a reactive adapter directory")
     parser.add_argument("--baseline", help="stateless baseline model directory")
+    add_engine_arguments(parser)
     parser.add_argument("--data", help="dialogue JSONL with check fields (default: synthetic held-out split)")
     parser.add_argument("--dialogues", type=int, default=200, help="synthetic held-out dialogues to generate")
     parser.add_argument("--seed", type=int, default=1234)
@@ -385,7 +410,7 @@ def run(args: argparse.Namespace) -> int:
     for option, path in (("--json", args.json), ("--plot", args.plot), ("--mistakes", args.mistakes)):
         if path and not Path(path).resolve().parent.is_dir():  # found out before the run, not after it
             raise ValueError(f"{option} {path}: no such directory {Path(path).resolve().parent}")
-    engines = build_engines(args.model, args.baseline, args.device)
+    engines = build_engines(args.model, args.baseline, args.device, args.base, args.baselines, args.no_memory)
     report = evaluate_recall(engines, dialogues, args.batch_size, args.max_new_tokens, history=args.history)
     print_table(report)
     if args.json:

@@ -111,7 +111,10 @@ class ReactivePretrained(nn.Module):
                              f"got {config.memory_layers}")
         if sorted(set(config.memory_layers)) != list(config.memory_layers):
             raise ValueError(f"memory_layers must be increasing and distinct, got {config.memory_layers}")
-        self.config, self.base_sha256 = config, base_sha256
+        # the base's ModelConfig as `config` (context length, vocabulary: what engines and servers read), the
+        # reactive additions as `reactive`
+        self.config, self.reactive, self.base_sha256 = base.config, config, base_sha256
+        self.base_dir = ""  # where the base was loaded from, if it was (recorded in adapter.json)
         self.memory_config = config.memory_config(base.config)
         self.base_keys = frozenset(f"base.{name}" for name in base.state_dict())
         base.requires_grad_(False)
@@ -144,14 +147,14 @@ class ReactivePretrained(nn.Module):
         (about 0.3); the next layer's attention-input norm does not (experiments/reactive_pretrained).
         """
         layers = self.decoder.layers
-        for slot, i in enumerate(self.config.memory_layers):
+        for slot, i in enumerate(self.reactive.memory_layers):
             layers[i].memory_norm.weight.copy_(layers[i].ffn_norm.weight)
             self.memory_attention.layers[slot].ed_norm.weight.copy_(layers[i].ffn_norm.weight)
 
     def new_modules(self) -> list[nn.Module]:
         layers = self.base.decoder.layers
-        readers = [layers[i].memory_cross_attention for i in self.config.memory_layers]
-        norms = [layers[i].memory_norm for i in self.config.memory_layers]
+        readers = [layers[i].memory_cross_attention for i in self.reactive.memory_layers]
+        norms = [layers[i].memory_norm for i in self.reactive.memory_layers]
         return [*readers, *norms, self.memory_attention]
 
     @property
@@ -166,7 +169,7 @@ class ReactivePretrained(nn.Module):
     def project_memory(self, stm: torch.Tensor) -> MemoryKV:
         """Cross-attention K/V of every decoder layer (None where it reads no memory), once per turn."""
         kv: MemoryKV = [None] * len(self.decoder.layers)
-        for slot, i in enumerate(self.config.memory_layers):
+        for slot, i in enumerate(self.reactive.memory_layers):
             kv[i] = self.decoder.layers[i].project_memory(stm[slot])
         return kv
 
@@ -269,7 +272,8 @@ class ReactivePretrained(nn.Module):
             "format": ADAPTER_FORMAT,
             "model_type": self.model_type,
             "base_sha256": self.base_sha256,
-            "reactive": self.config.to_dict(),
+            "base": self.base_dir,  # where the base was: the default place to look for it when loading
+            "reactive": self.reactive.to_dict(),
             "dtype": str(dtype).removeprefix("torch."),
             "parameters": sum(t.numel() for t in self.adapter_state_dict().values()),
         }
@@ -278,10 +282,11 @@ class ReactivePretrained(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, adapter_dir: str | Path, base_dir: str | Path, device: str | torch.device = "cpu"
+        cls, adapter_dir: str | Path, base_dir: str | Path | None = None, device: str | torch.device = "cpu"
     ) -> ReactivePretrained:
-        """Assemble base + adapter; refuse a base whose sha256 is not the one the adapter names."""
-        adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
+        """Assemble base + adapter; refuse a base whose sha256 is not the one the adapter names. Without
+        ``base_dir``, the base is looked for where adapter.json says it was when the adapter was saved."""
+        adapter_dir = Path(adapter_dir)
         for name in (ADAPTER_META, ADAPTER_WEIGHTS):
             if not (adapter_dir / name).is_file():
                 raise FileNotFoundError(f"{adapter_dir} is not a reactive adapter directory: {name} is missing")
@@ -289,11 +294,18 @@ class ReactivePretrained(nn.Module):
         if meta.get("format") != ADAPTER_FORMAT or meta.get("model_type") != cls.model_type:
             raise ValueError(f"{adapter_dir}/{ADAPTER_META}: unsupported adapter (format {meta.get('format')!r}, "
                              f"model_type {meta.get('model_type')!r})")
+        if base_dir is None:
+            base_dir = meta.get("base") or ""
+            if not base_dir or not (Path(base_dir) / "config.json").is_file():
+                raise FileNotFoundError(f"{adapter_dir}: its base model is not at {base_dir!r}; give the base directory "
+                                        f"(--base DIR: the model whose sha256 is {meta['base_sha256']})")
+        base_dir = Path(base_dir)
         found = base_sha256(base_dir)
         if found != meta["base_sha256"]:
             raise ValueError(f"{base_dir} is not this adapter's base: the adapter names base sha256 "
                              f"{meta['base_sha256']}, the directory has {found}")
         model = cls(StatelessLM.from_pretrained(base_dir), ReactiveConfig.from_dict(meta["reactive"]), found)
+        model.base_dir = str(base_dir)
         state = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
         expected = model.adapter_state_dict()
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -310,13 +322,15 @@ class ReactivePretrained(nn.Module):
     @classmethod
     def from_base(cls, base_dir: str | Path, config: ReactiveConfig | None = None) -> ReactivePretrained:
         """A fresh (untrained) reactive model around the StatelessLM directory ``base_dir``."""
-        return cls(StatelessLM.from_pretrained(base_dir), config, base_sha256(base_dir))
+        model = cls(StatelessLM.from_pretrained(base_dir), config, base_sha256(base_dir))
+        model.base_dir = str(base_dir)
+        return model
 
     def identity(self) -> str:
         """The base's sha256 and the adapter's weights: sessions are only valid for the model that made them."""
         digest = hashlib.sha256(self.model_type.encode())
         digest.update(self.base_sha256.encode())
-        digest.update(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        digest.update(json.dumps(self.reactive.to_dict(), sort_keys=True).encode())
         for name, tensor in sorted(self.adapter_state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.float().numpy().tobytes())

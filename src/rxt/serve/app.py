@@ -343,6 +343,8 @@ async def stream_answer(turn: Turn, chat: ChatCompletionRequest, service: ChatSe
 # -- command line -----------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("--base", help="for a reactive adapter directory (adapter.json): its pretrained base model "
+                        "directory (default: where adapter.json says it was)")
     parser.add_argument("--baseline", choices=MODES, help="stateless model directories only: how to keep the history "
                         "(default cached: the history in the store, its KV cache kept in this process)")
     parser.add_argument("--store", default="sqlite:///rxt_sessions.db",
@@ -401,14 +403,14 @@ def run(args: argparse.Namespace) -> int:
     if args.max_sessions_per_key < 0 or not 0 <= args.session_idle_s < float("inf"):
         return _fail("--max-sessions-per-key and --session-idle-s must be >= 0")
 
-    from rxt.model import ReactiveTransformer, load_model
+    from rxt.model import ReactiveTransformer, StatelessLM, load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model = load_model(args.model, device)
+        model = load_model(args.model, device, args.base)
     except (FileNotFoundError, ValueError) as error:
         return _fail(f"cannot load {args.model}: {error}")
-    if isinstance(model, ReactiveTransformer) and args.baseline is not None:
+    if not isinstance(model, StatelessLM) and args.baseline is not None:
         return _fail(f"{args.model} holds an RxT model; --baseline applies only to a stateless model directory")
     if model.tokenizer is None:
         return _fail(f"{args.model} has no tokenizer.json")
@@ -421,7 +423,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         return _fail(f"{DELAY_ENV} must be a number of seconds, got {os.environ[DELAY_ENV]!r}")
     inference = "compiled" if args.compile else "eager"
-    if isinstance(model, ReactiveTransformer):
+    if not isinstance(model, StatelessLM):  # an RxT, or a reactive adapter with its base
+        if args.compile and not isinstance(model, ReactiveTransformer):
+            return _fail("--compile runs rxt's own models; a reactive adapter runs on the eager path")
         engine: ChatEngine = ReactiveEngine(model, update_delay_s=delay_s, inference=inference)
         if args.compile and args.max_batch > 1:
             log.warning("--compile applies to turns answered one at a time: continuous batching "
