@@ -57,7 +57,7 @@ def bidirectional_pass(model: ReactivePretrained, ids: torch.Tensor) -> tuple[to
     for i, layer in enumerate(model.decoder.layers):
         x = x + layer.self_attention(layer.self_norm(x), positions=positions, causal=False)
         x = x + layer.ffn(layer.ffn_norm(x))
-        if i in model.config.memory_layers:
+        if i in model.reactive.memory_layers:
             states.append(x)
     return x, states
 
@@ -74,7 +74,7 @@ def outlier_report(model: ReactivePretrained, own: list[torch.Tensor]) -> dict[i
     dimensions, and how alike tokens look through a unit-weight norm, through the layer's pretrained FFN
     norm (what the new norms start from, init_norms_from_base) and through the next layer's input norm."""
     report, turn, layers = {}, len(model.tokenizer.preamble()), model.decoder.layers
-    for layer, states in zip(model.config.memory_layers, own, strict=True):
+    for layer, states in zip(model.reactive.memory_layers, own, strict=True):
         x = states[0, turn:]
         energy = x.pow(2).mean(0)
         following = layers[layer + 1].self_norm if layer + 1 < len(layers) else model.decoder.norm
@@ -109,7 +109,7 @@ def main() -> None:
         x = model.base.embedding(ids)
         for layer in encoder:
             x = layer(x, positions)
-        return [x] * len(model.config.memory_layers)
+        return [x] * len(model.reactive.memory_layers)
 
     with torch.no_grad():
         own = model.encode(ids, stm)
@@ -134,7 +134,7 @@ def main() -> None:
             "memory_layer_states": outlier_report(model, own),
             "bidirectional_vs_causal_cosine": {
                 layer: round(float(F.cosine_similarity(a, b, dim=-1).mean()), 4)
-                for layer, a, b in zip(model.config.memory_layers, own, bidirectional, strict=True)
+                for layer, a, b in zip(model.reactive.memory_layers, own, bidirectional, strict=True)
             },
             # share of positions where the bidirectional pass still predicts the causal pass's next token
             "bidirectional_next_token_agreement": round(float(
