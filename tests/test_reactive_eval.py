@@ -60,6 +60,8 @@ def test_chat_loads_an_adapter_with_its_base_and_refuses_another(dirs, tmp_path,
         load_model(base_dir, base=str(base_dir))
     with pytest.raises(ValueError, match="--baseline applies only"):
         build_engine(str(adapter_dir), baseline="full", base=str(base_dir))
+    with pytest.raises(ValueError, match="eager path"):
+        build_engine(str(adapter_dir), compile=True, base=str(base_dir))
 
 
 def test_rxt_chat_and_serve_take_base(dirs, capsys, monkeypatch):
