@@ -321,7 +321,7 @@ def test_serve_refuses_bad_options_before_starting(tmp_path, model_dir, capsys):
     assert cli_main(["serve", "--model", str(tmp_path / "stateless"), "--lock-ttl-s", "0"]) == 2
     assert "--lock-ttl-s must be > 0" in capsys.readouterr().err
     assert cli_main(["serve", "--model", str(tmp_path / "stateless"), "--kv-cache-sessions", "-1"]) == 2
-    assert "--kv-cache-sessions must be >= 0" in capsys.readouterr().err
+    assert "--kv-cache-sessions and --kv-cache-bytes must be >= 0" in capsys.readouterr().err
 
 
 def test_client_leaving_mid_stream_frees_the_session(http, server):

@@ -6,7 +6,8 @@ A stateless model directory (e.g. one from `rxt import gguf`) is served the same
 state is the conversation's history, re-read every turn, or (``--baseline cached``, the default)
 continued from a KV cache this process keeps for its recent sessions.
 
-Endpoints (docs/serving.md): POST /v1/chat/completions (SSE with ``stream: true``), GET /v1/models,
+Endpoints (docs/serving.md): POST /v1/chat/completions (SSE with ``stream: true``), POST /v1/responses
+(previous_response_id continues from any kept turn's memory), GET /v1/models,
 /v1/sessions (create, inspect, reset, delete, export and import state), GET /health, GET /metrics.
 """
 
@@ -19,8 +20,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import uvicorn
@@ -34,6 +36,7 @@ from rxt.engine import AnswerEvent, ChatEngine, ReactiveEngine, TokenEvent
 from rxt.serve.auth import ApiKeys
 from rxt.serve.errors import APIError, bad_request, error_body, not_found
 from rxt.serve.metrics import CONTENT_TYPE, ServerMetrics
+from rxt.serve.responses import ResponseRequest, create_response, parse_response_request
 from rxt.serve.schemas import (
     ChatCompletionRequest,
     binary_body,
@@ -65,6 +68,11 @@ def create_app(engine: ChatEngine, store: SessionStore, settings: ServeSettings,
                       lambda: service.scheduler.rows if service.scheduler else service.answering - service.queued())
     metrics.add_gauge("rxt_queued_turns", "Turns admitted that wait for a row (at most --max-queue).",
                       service.queued)
+    if service.kv_caches is not None:
+        metrics.add_gauge("rxt_kv_cache_bytes", "Stateless model: bytes of KV cache kept between turns.",
+                          lambda: service.kv_caches.nbytes)
+        metrics.add_gauge("rxt_kv_cache_sessions", "Stateless model: sessions whose KV cache is kept.",
+                          lambda: len(service.kv_caches))
     metrics.add_gauge("rxt_stored_sessions", "Sessions in the store (absent while the store is down).",
                       lambda: _or_none(store.count))
 
@@ -201,6 +209,14 @@ def _session_id(request: Request, body_value: str | None) -> str | None:
     return body_value if body_value is not None else header
 
 
+async def _parsed(request: Request, parse: Callable[[bytes], Any]) -> tuple[str, ChatService, Any]:
+    """The owner, the service and the parsed JSON body of a request that names a model."""
+    owner, service = _owner(request), _service(request)
+    parsed = parse(await read_body(request, service.settings.max_body_bytes))
+    _check_model(service, parsed.model)
+    return owner, service, parsed
+
+
 def _check_model(service: ChatService, name: str | None) -> None:
     if name is not None and name not in (service.settings.model_name, service.engine.identity):
         raise not_found(f"this server serves the model {service.settings.model_name!r}, not {name!r}",
@@ -245,9 +261,7 @@ def _add_routes(app: FastAPI) -> None:
     @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         started = time.perf_counter()
-        owner, service = _owner(request), _service(request)
-        chat = parse_chat_request(await read_body(request, service.settings.max_body_bytes))
-        _check_model(service, chat.model)
+        owner, service, chat = await _parsed(request, parse_chat_request)
         query = chat.query()
         sampling, prompt_tokens = service.sampling(chat, query)
         session_id = _session_id(request, chat.session_id)
@@ -258,8 +272,14 @@ def _add_routes(app: FastAPI) -> None:
                                      headers={**headers, "Cache-Control": "no-cache"})
         answer = await turn.answer()
         body = completion(completion_id(), service.settings.model_name, service.engine.identity, turn.session_id,
-                          answer.text, finish_reason(answer), answer.stats.prompt_tokens, answer.stats.answer_tokens)
+                          answer.text, finish_reason(answer), turn_usage(turn, answer))
         return JSONResponse(body, headers=headers)
+
+    @app.post("/v1/responses", openapi_extra=json_body(ResponseRequest))
+    async def responses(request: Request) -> Response:
+        started = time.perf_counter()
+        owner, service, parsed = await _parsed(request, parse_response_request)
+        return await create_response(service, owner, parsed, started)
 
     @app.post("/v1/sessions", status_code=201)
     async def create_session(request: Request) -> JSONResponse:
@@ -299,6 +319,11 @@ def _add_routes(app: FastAPI) -> None:
         return await service.import_state(owner, data, session_id)
 
 
+def turn_usage(turn: Turn, answer: AnswerEvent) -> dict:
+    stats = answer.stats
+    return usage(stats.prompt_tokens, stats.answer_tokens, stats.state_bytes, turn.history_reread)
+
+
 def finish_reason(answer: AnswerEvent) -> str:
     """'stop' when the model ended the answer itself ([EOT]), 'length' when max_tokens cut it."""
     return "stop" if answer.stats.answer_tokens > len(answer.token_ids) else "length"
@@ -331,7 +356,7 @@ async def stream_answer(turn: Turn, chat: ChatCompletionRequest, service: ChatSe
                 continue
             yield make({}, finish_reason(event))
             if chat.stream_options is not None and chat.stream_options.include_usage:
-                yield make(None, usage_=usage(event.stats.prompt_tokens, event.stats.answer_tokens))
+                yield make(None, usage_=turn_usage(turn, event))
             break
         yield sse("[DONE]")
         finished = True
@@ -377,11 +402,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="turns that may wait for a row; beyond this the server answers 429 with Retry-After "
                              f"(default {defaults.max_queue})")
     parser.add_argument("--kv-cache-sessions", type=int, default=ServeSettings.kv_cache_sessions,
-                        help="stateless models, cached mode: sessions whose KV cache this process keeps")
+                        help="stateless models, cached mode: sessions whose KV cache this process keeps "
+                             f"(default {ServeSettings.kv_cache_sessions})")
+    parser.add_argument("--kv-cache-bytes", type=int, default=ServeSettings.kv_cache_bytes,
+                        help="stateless models, cached mode: bytes of KV cache this process keeps, least recently "
+                             "used evicted first; an evicted session's next turn re-reads its history "
+                             "(default 1 GiB; 0: none kept)")
     parser.add_argument("--max-sessions-per-key", type=int, default=defaults.max_sessions_per_key,
                         help=f"sessions one API key may hold (default {defaults.max_sessions_per_key}; 0: no limit)")
     parser.add_argument("--session-idle-s", type=float, default=defaults.session_idle_s,
                         help="delete a session not written for this many seconds (default 30 days; 0: never)")
+    parser.add_argument("--responses-per-session", type=int, default=defaults.responses_per_session,
+                        help="Responses API: memory snapshots kept per session, the newest (default "
+                             f"{defaults.responses_per_session}); previous_response_id may name any of them")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -398,10 +431,10 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--max-batch must be >= 1")
     if args.max_queue < 0:
         return _fail("--max-queue must be >= 0")
-    if args.kv_cache_sessions < 0:
-        return _fail("--kv-cache-sessions must be >= 0")
-    if args.max_sessions_per_key < 0 or not 0 <= args.session_idle_s < float("inf"):
-        return _fail("--max-sessions-per-key and --session-idle-s must be >= 0")
+    if args.kv_cache_sessions < 0 or args.kv_cache_bytes < 0:
+        return _fail("--kv-cache-sessions and --kv-cache-bytes must be >= 0")
+    if min(args.max_sessions_per_key, args.responses_per_session) < 0 or not 0 <= args.session_idle_s < float("inf"):
+        return _fail("--max-sessions-per-key, --session-idle-s and --responses-per-session must be >= 0")
 
     from rxt.model import ReactiveTransformer, StatelessLM, load_model
 
@@ -439,8 +472,9 @@ def run(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens, lock_ttl_s=args.lock_ttl_s,
         session_wait_s=args.session_wait_s,
         model_threads=args.model_threads or (1 if engine.device.type == "cpu" else ServeSettings.model_threads),
-        kv_cache_sessions=args.kv_cache_sessions, max_batch=args.max_batch, max_queue=args.max_queue,
+        kv_cache_sessions=args.kv_cache_sessions, kv_cache_bytes=args.kv_cache_bytes, max_batch=args.max_batch, max_queue=args.max_queue,
         max_sessions_per_key=args.max_sessions_per_key, session_idle_s=args.session_idle_s,
+        responses_per_session=args.responses_per_session,
     )
     keys = list(args.api_key) + [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
     if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):

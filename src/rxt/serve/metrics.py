@@ -154,6 +154,9 @@ class ServerMetrics:
                                             "Turns refused with 429 because --max-queue turns were waiting."))
         self.write_failures = add(Counter("rxt_memory_write_failures_total",
                                           "Memory updates that could not be written (the turn is not remembered)."))
+        self.history_rereads = add(Counter("rxt_history_rereads_total",
+                                           "Stateless model: turns that read a session's history again because "
+                                           "its KV cache was not kept (evicted, or another replica answered)."))
         self.nonfinite_memories = add(Counter("rxt_nonfinite_memories_total",
                                               "Turns whose new memory held NaN or infinity (not written; the "
                                               "session keeps its previous memory)."))

@@ -11,13 +11,14 @@ import json
 import re
 import secrets
 import time
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rxt.serve.errors import APIError, bad_request
 
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+Parsed = TypeVar("Parsed", bound=BaseModel)
 
 
 class ContentPart(BaseModel):
@@ -33,17 +34,22 @@ class Message(BaseModel):
     content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for part in self.content:
-            if part.type != "text" or part.text is None:
-                raise bad_request(f"only text content parts are supported, got type {part.type!r}",
-                                  "unsupported_content", param="messages")
-            parts.append(part.text)
-        return "\n".join(parts)
+        return content_text(self.content, ("text",), "messages")
+
+
+def content_text(content: str | list[ContentPart] | None, text_types: tuple[str, ...], param: str) -> str:
+    """A message's text: a string, or text parts joined by newlines (any other part is a 400)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if part.type not in text_types or part.text is None:
+            raise bad_request(f"only text content parts are supported, got type {part.type!r}",
+                              "unsupported_content", param=param)
+        parts.append(part.text)
+    return "\n".join(parts)
 
 
 class StreamOptions(BaseModel):
@@ -120,14 +126,19 @@ def parse_json(body: bytes) -> Any:
                           "invalid_json") from None
 
 
-def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+def parse_body(body: bytes, model: type[Parsed]) -> Parsed:
+    """A JSON object body, validated strictly by ``model``; every problem is a 400 naming the field."""
     data = parse_json(body)
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object", "invalid_json")
     try:
-        return ChatCompletionRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
         raise validation_error(error) from None
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    return parse_body(body, ChatCompletionRequest)
 
 
 def validation_error(error: ValidationError) -> APIError:
@@ -166,19 +177,26 @@ def completion_id() -> str:
     return "chatcmpl-" + secrets.token_hex(12)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, state_bytes: int | None = None,
+          history_reread: bool | None = None) -> dict[str, Any]:
+    """OpenAI's token counts, and two extensions: the bytes the server holds for the session after
+    the turn (RxT: its STM; a stateless model: its KV cache) and whether a stateless session's
+    history was read again because its KV cache was not kept."""
+    counts: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                              "total_tokens": prompt_tokens + completion_tokens}
+    if state_bytes is not None:
+        counts.update(state_bytes=state_bytes, history_reread=bool(history_reread))
+    return counts
 
 
 def completion(id_: str, model: str, fingerprint: str, session_id: str, text: str, finish_reason: str,
-               prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+               usage_: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": id_, "object": "chat.completion", "created": int(time.time()), "model": model,
         "system_fingerprint": fingerprint, "session_id": session_id,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                      "finish_reason": finish_reason}],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage_,
     }
 
 

@@ -29,11 +29,12 @@ from rxt.engine import AnswerEvent, ChatEngine, ReactiveEngine, TokenEvent
 from rxt.generation import SamplingConfig
 from rxt.serve.auth import same_owner
 from rxt.serve.batching import BatchScheduler
-from rxt.serve.errors import APIError, bad_request, session_not_found
+from rxt.serve.errors import APIError, bad_request, not_found, session_not_found
 from rxt.serve.kv_caches import KVCacheKeeper
 from rxt.serve.locks import Lease, SessionLocks
 from rxt.serve.metrics import ServerMetrics
 from rxt.serve.schemas import SESSION_ID_PATTERN, ChatCompletionRequest
+from rxt.serve.snapshots import Snapshots, response_id
 from rxt.serve.store import SessionStore, StoredSession, StoreUnavailable, VersionConflict
 from rxt.session import Session, SessionStateError
 
@@ -55,18 +56,23 @@ class ServeSettings:
     model_threads: int = 4  # turns generated at the same time (max_batch 1: one turn per thread)
     max_batch: int = 64  # RxT: turns of different sessions decoded together (continuous batching); 1: off
     max_queue: int = 256  # turns waiting for a row beyond this are refused with 429
-    kv_cache_sessions: int = 8  # stateless model, cached mode: sessions whose KV cache this process keeps
+    kv_cache_sessions: int = 1024  # stateless model, cached mode: sessions whose KV cache this process keeps
+    kv_cache_bytes: int | None = 1 << 30  # ... and the bytes of KV cache it keeps (None: no byte budget)
     max_sessions_per_key: int = 10_000  # sessions one API key may hold; 0: no limit
     session_idle_s: float = 30 * 86_400.0  # a session not written for this long is deleted; 0: never
+    responses_per_session: int = 32  # Responses API: memory snapshots kept per session, the newest
 
 
 class Turn:
     """One answer in flight: the HTTP side reads ``next()`` until an AnswerEvent (or an error)."""
 
-    def __init__(self, session_id: str, prompt_tokens: int):
+    def __init__(self, session_id: str, prompt_tokens: int, keep_snapshot: bool = False):
         self.session_id, self.prompt_tokens = session_id, prompt_tokens
+        self.response_id = response_id(session_id)  # the Responses API's name for this turn's memory
+        self.keep_snapshot = keep_snapshot  # keep the memory this turn leaves under response_id
         self.queue: asyncio.Queue[TokenEvent | AnswerEvent | BaseException] = asyncio.Queue()
         self.cancelled = threading.Event()  # the client went away: stop generating, remember nothing
+        self.history_reread = False  # a stateless session whose KV cache was not kept: its history is read again
 
     async def next(self) -> TokenEvent | AnswerEvent:
         item = await self.queue.get()
@@ -96,11 +102,12 @@ class ChatService:
             history = 8 * engine.model.config.max_seq_len if self.stateless else 0  # int64 token ids
             settings.max_state_bytes = 2 * len(initial.to_bytes()) + history + 65_536
         cached = self.stateless and engine.mode == "cached"
-        self.kv_caches = KVCacheKeeper(settings.kv_cache_sessions) if cached else None
+        self.kv_caches = KVCacheKeeper(settings.kv_cache_sessions, settings.kv_cache_bytes) if cached else None
         batched = isinstance(engine, ReactiveEngine) and settings.max_batch > 1
         self.scheduler = BatchScheduler(engine, self.metrics, settings.max_batch) if batched else None
         self.capacity = settings.max_batch if batched else settings.model_threads  # turns answered at once
         self.answering = 0  # turns admitted and not yet answered (running or waiting for a row)
+        self.snapshots = Snapshots(store, settings.responses_per_session)
 
     # -- store access ----------------------------------------------------------------------------
     async def _store(self, method: Callable, *args):
@@ -211,6 +218,7 @@ class ChatService:
     async def delete(self, session_id: str, owner: str) -> None:
         async with self._locked(session_id, owner):
             await self._store(self.store.delete, session_id)
+            await self._store(self.snapshots.delete_all, session_id)
 
     async def export_state(self, session_id: str, owner: str) -> bytes:
         async with self._locked(session_id, owner) as stored:
@@ -273,8 +281,12 @@ class ChatService:
                               seed=request.seed), prompt_tokens
 
     async def start_turn(self, session_id: str | None, owner: str, query: str, sampling: SamplingConfig,
-                         prompt_tokens: int, started: float) -> Turn:
-        """Lock and load the session (a new one if ``session_id`` is None) and start answering."""
+                         prompt_tokens: int, started: float, from_response: str | None = None,
+                         keep_snapshot: bool = False) -> Turn:
+        """Lock and load the session (a new one if ``session_id`` is None) and start answering.
+
+        ``from_response``: start from the memory that response left instead of the session's latest;
+        ``keep_snapshot``: keep the memory this turn leaves as a snapshot (Responses API)."""
         self._check_room()  # before a new session is stored or a lock waited for
         created = session_id is None
         if created:  # stored first, so the id the client sees at once is valid at once
@@ -285,13 +297,16 @@ class ChatService:
             if created:
                 await self._forget_new(session_id)
             raise
-        turn = Turn(session_id, prompt_tokens)
+        turn = Turn(session_id, prompt_tokens, keep_snapshot)
         try:
-            session = self.decode(stored.state)
+            state = stored.state if from_response is None else await self.snapshot(from_response, owner)
+            session = self.decode(state)
             session.id = session_id
             self._check_context(session, prompt_tokens, sampling.max_new_tokens)
-            if self.kv_caches is not None:
-                self.kv_caches.attach(session)
+            kept = self.kv_caches is not None and self.kv_caches.attach(session)
+            turn.history_reread = self.stateless and not kept and session.turns > 0
+            if turn.history_reread:
+                self.metrics.history_rereads.inc()
             self._admit()
             answering = self._start_answer(turn, session, query, sampling, started)
         except BaseException:
@@ -301,6 +316,27 @@ class ChatService:
             raise
         work = self._run_turn(turn, answering, session, stored, lease, started)
         self._keep(asyncio.get_running_loop().create_task(work))
+        return turn
+
+    async def snapshot(self, response_id_: str, owner: str) -> bytes:
+        """The memory a response left (404 if it was not kept, has expired or is another key's)."""
+        data = await self._store(self.snapshots.get, response_id_, owner)
+        if data is None:
+            raise not_found(f"no stored response {response_id_!r}", "previous_response_not_found")
+        return data
+
+    async def start_unstored_turn(self, session: Session, query: str, sampling: SamplingConfig,
+                                  prompt_tokens: int, started: float) -> Turn:
+        """Answer from a given state and write nothing back (Responses API, ``store: false``)."""
+        self._admit()
+        turn = Turn(session.id, prompt_tokens)
+        try:
+            answering = self._start_answer(turn, session, query, sampling, started)
+        except BaseException:
+            self.answering -= 1
+            raise
+        self._keep(asyncio.get_running_loop().create_task(self._run_turn(turn, answering, session, None, None,
+                                                                         started)))
         return turn
 
     async def _forget_new(self, session_id: str) -> None:
@@ -345,8 +381,9 @@ class ChatService:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def _run_turn(self, turn: Turn, answering: asyncio.Future, session: Session, stored: StoredSession,
-                        lease: Lease, started: float) -> None:
+    async def _run_turn(self, turn: Turn, answering: asyncio.Future, session: Session,
+                        stored: StoredSession | None, lease: Lease | None, started: float) -> None:
+        """Wait for the answer, then (unless ``lease`` is None: nothing to write) remember the turn."""
         try:
             try:
                 answer = await answering
@@ -359,9 +396,11 @@ class ChatService:
             self.metrics.turns.inc()
             self.metrics.tokens.inc(answer.stats.answer_tokens)
             turn.queue.put_nowait(answer)
+            if lease is None:
+                return
             if self.kv_caches is not None:
                 self.kv_caches.keep(session)
-            await self._remember(session, stored, lease, answered)
+            await self._remember(turn, session, stored, lease, answered)
         except asyncio.CancelledError:  # shutting down
             turn.cancelled.set()
             turn.queue.put_nowait(APIError(503, "the server is shutting down", "shutting_down", "server_error"))
@@ -371,7 +410,8 @@ class ChatService:
             if not isinstance(error, (APIError, StoreUnavailable)):
                 log.exception("turn of session %s failed", turn.session_id)
         finally:
-            await lease.release()
+            if lease is not None:
+                await lease.release()
 
     def _generate(self, turn: Turn, session: Session, query: str, sampling: SamplingConfig,
                   loop: asyncio.AbstractEventLoop, started: float) -> AnswerEvent | None:
@@ -393,7 +433,8 @@ class ChatService:
             events.close()  # after the AnswerEvent: do not wait for the memory update here
         return None
 
-    async def _remember(self, session: Session, stored: StoredSession, lease: Lease, answered: float) -> None:
+    async def _remember(self, turn: Turn, session: Session, stored: StoredSession, lease: Lease,
+                        answered: float) -> None:
         """Wait for the memory update and write the new state; retry while the store is down."""
         try:
             await anyio.to_thread.run_sync(session.wait)  # the background memory update
@@ -423,6 +464,11 @@ class ChatService:
         self.metrics.memory_update.observe(time.perf_counter() - answered)
         if lease.lost:
             log.warning("session %s: lock expired during the update, but no one wrote in between", session.id)
+        if turn.keep_snapshot:
+            try:
+                await self._store(self.snapshots.add, session.id, turn.response_id, stored.owner, data)
+            except (StoreUnavailable, VersionConflict) as error:
+                log.error("the memory snapshot of response %s was not kept: %s", turn.response_id, error)
 
     def _lost(self, session: Session, why: str) -> None:
         self.metrics.write_failures.inc()
