@@ -18,6 +18,7 @@ from rxt.engine import ReactiveEngine
 from rxt.generation import SamplingConfig, sample_next
 from rxt.model import load_model
 from rxt.serve.app import create_app
+from rxt.serve.errors import APIError
 from rxt.serve.service import ServeSettings
 from rxt.serve.store import SQLiteStore
 from rxt.session import Session, SessionStateError, checksum
@@ -229,6 +230,16 @@ def test_sessions_per_key_are_limited(model_dir):
         assert other_key.status_code == 201  # the limit is per key
         client.delete(f"/v1/sessions/{first}")
         assert client.post("/v1/sessions").status_code == 201
+
+
+def test_a_first_turn_refused_after_its_session_was_made_leaves_nothing(model_dir, monkeypatch):
+    with make_client(model_dir) as client:
+        def full() -> None:
+            raise APIError(429, "busy", "queue_full", type_="rate_limit_error")
+
+        monkeypatch.setattr(service(client), "_admit", full)  # refused once the new session is stored
+        assert chat(client).status_code == 429
+        assert service(client).store.count() == 0
 
 
 def test_idle_sessions_expire(model_dir):
