@@ -43,7 +43,7 @@ def test_static_path_logits_equal_eager(make_tiny_model, model_class: type) -> N
     model = make_tiny_model(model_class)
     stm = torch.randn(model.config.n_layers, 2, model.config.stm_slots, model.config.d_model)
     stm = stm if model_class is ReactiveTransformer else None
-    fast = FastDecoder(model, min_capacity=8)
+    fast = FastDecoder(model, min_capacity=8, span_step=4)  # spans short of the capacity, growing
     new_tokens = torch.randint(4, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     eager, static, mask = eager_and_fast(model, fast, [[5, 6, 7, 8, 9, 10], [11, 12, 13]], new_tokens, stm)
     assert static.shape == eager.shape
@@ -136,7 +136,7 @@ def test_compiled_logits_equal_eager(make_tiny_model, model_class: type) -> None
     model = make_tiny_model(model_class)
     stm = torch.randn(model.config.n_layers, 2, model.config.stm_slots, model.config.d_model)
     stm = stm if model_class is ReactiveTransformer else None
-    fast = FastDecoder(model, compile=True, min_capacity=8)
+    fast = FastDecoder(model, compile=True, min_capacity=8, span_step=4)
     new_tokens = torch.randint(4, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2))
     eager, compiled, mask = eager_and_fast(model, fast, [[5, 6, 7, 8], [9, 10]], new_tokens, stm)
     assert_close(compiled[mask], eager[mask], **TOL)
@@ -153,3 +153,24 @@ def test_compiled_engine_answers_like_eager(engine_factory, make_tiny_model) -> 
         assert answers[1] == answers[0]
         for session in sessions:
             session.wait()
+
+
+def test_memory_kv_kept_from_the_update_or_projected_when_the_stm_was_replaced(engine_factory, make_tiny_model):
+    """The fast engine projects the new STM's K/V right after the update; a session whose STM was
+    replaced since (loaded from a store) has them projected in the prefill, with the same answer."""
+    model = make_tiny_model(ReactiveTransformer)
+    eager, static = engine_factory("rxt", model=model), engine_factory("rxt", model=model, inference="static")
+    session = static.new_session()
+    static.interact(session, QUERIES[0], GREEDY)
+    session.wait()
+    kept_stm, keys, _ = session.runtime["memory_kv"]
+    assert kept_stm is session.tensors["stm"]
+    with torch.no_grad():
+        assert_close(keys[0], model.decoder.layers[0].project_memory(kept_stm[0])[0], **TOL)
+    loaded = static.new_session()
+    loaded.tensors = {"stm": session.tensors["stm"].clone()}  # as a store would give it back
+    reference = eager.new_session()
+    reference.tensors = {"stm": session.tensors["stm"].clone()}
+    expected = eager.interact_batch([reference], [QUERIES[1]], GREEDY, remember=False)[0].token_ids
+    for fresh in (session, loaded):
+        assert static.interact_batch([fresh], [QUERIES[1]], GREEDY, remember=False)[0].token_ids == expected

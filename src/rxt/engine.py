@@ -301,7 +301,26 @@ class ReactiveEngine(ChatEngine):
 
     def new_session(self) -> Session:
         stm = self.model.initial_memory(1).to(self.device)  # (L, 1, S, D)
-        return Session(self.model_type, self.identity, {"stm": stm})
+        session = Session(self.model_type, self.identity, {"stm": stm})
+        self._keep_memory_kv([session], stm)
+        return session
+
+    def _keep_memory_kv(self, sessions: Sequence[Session], stm: torch.Tensor) -> None:
+        """Fast path: project the memory K/V of each session's new STM now, off the prompt path.
+
+        Kept in ``session.runtime`` with the STM they belong to; a session whose STM was replaced
+        since (loaded, reset) gets its K/V projected in the next prefill instead."""
+        if self.fast is None:
+            return
+        keys, values = self.fast.project_memory(stm)
+        for row, session in enumerate(sessions):
+            session.runtime["memory_kv"] = (session.tensors["stm"], keys[:, row : row + 1], values[:, row : row + 1])
+
+    def _kept_memory_kv(self, sessions: Sequence[Session]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        kept = [s.runtime.get("memory_kv") for s in sessions]
+        if any(k is None or k[0] is not s.tensors["stm"] for k, s in zip(kept, sessions, strict=True)):
+            return None
+        return torch.cat([k[1] for k in kept], dim=1), torch.cat([k[2] for k in kept], dim=1)
 
     def turn_prompt(self, query: str) -> list[int]:
         """Each turn is an event of its own, so it opens with the template's preamble: an imported chat
@@ -326,9 +345,10 @@ class ReactiveEngine(ChatEngine):
         ids, mask = left_pad(prompts, self.tokenizer.pad_id, self.device)
         stm = torch.cat([s.tensors["stm"] for s in sessions], dim=1)  # (L, B, S, D)
         positions = positions_from_mask(mask)
-        if self.fast is not None:  # the memory K/V are projected inside the prefill
+        if self.fast is not None:  # the memory K/V: kept from the last update, else projected in the prefill
             state = self.fast.new_state(len(sessions), ids.shape[1] + max_new_tokens)
-            return TurnPlan(ids, mask, positions, self.fast.step(state, stm, all_logits), [len(p) for p in prompts])
+            step = self.fast.step(state, stm, all_logits, memory=self._kept_memory_kv(sessions))
+            return TurnPlan(ids, mask, positions, step, [len(p) for p in prompts])
         with torch.no_grad():
             memory_kv = self.model.project_memory(stm)  # once per turn, reused by every step
         caches = [KVCache() for _ in self.model.decoder.layers]
@@ -362,14 +382,17 @@ class ReactiveEngine(ChatEngine):
         with self._lock, torch.no_grad():  # grad mode is per thread
             stm = torch.cat([s.tensors["stm"] for s in sessions], dim=1)
             new_stm = self.model.update_memory(stm, ids, mask)
-        for row, (session, stat) in enumerate(zip(sessions, stats, strict=True)):
-            session.tensors = {**session.tensors, "stm": new_stm[:, row : row + 1].clone()}
+            for row, session in enumerate(sessions):
+                session.tensors = {**session.tensors, "stm": new_stm[:, row : row + 1].clone()}
+            self._keep_memory_kv(sessions, new_stm)
+        for stat in stats:
             stat.memory_update_s = time.perf_counter() - start
 
     def reset(self, session: Session) -> None:
         session.wait()
         session.tensors = {"stm": self.model.initial_memory(1).to(self.device)}
         session.turns, session.stats = 0, []
+        self._keep_memory_kv([session], session.tensors["stm"])
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)

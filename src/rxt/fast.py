@@ -6,11 +6,13 @@ gpt-fast's recipe, applied to the RxT decoder and its stateless baseline:
   and written by slot index: nothing is concatenated, nothing is read back to the host;
 - masks are built on the device from slot indices and a validity row, with no branch on values;
 - the memory cross-attention K/V of every layer come from one batched matmul over the stacked
-  projection weights, once per turn, inside the prefill;
+  projection weights, once per turn: inside the prefill, or (the engine) right after the memory
+  update, on its background thread, so the prompt phase does not wait for it;
 - the prefill computes logits for the last position only (the one the next token is sampled from);
 - prefill and decode are two functions; ``compile=True`` makes each one ``torch.compile`` graph
   (on CUDA with mode "reduce-overhead": CUDA graphs). Caches come in power-of-two capacities, so a
-  conversation meets only a few shapes.
+  conversation meets only a few shapes; attention reads only the slots in use, rounded up to
+  ``SPAN_STEP`` (a cache kept across turns pays for what it holds, not for its capacity).
 
 The eager model (rxt.model, rxt.attention) stays the reference: tests hold this path to its logits.
 
@@ -42,6 +44,7 @@ INFERENCE_MODES = ("eager", "static", "compiled")
 
 MIN_CAPACITY = 64
 ANSWER_RESERVE = 64  # slots reserved for the answer when a prompt is planned; the cache grows past it
+SPAN_STEP = 64  # attention spans the slots in use rounded up to this: few distinct shapes, little waste
 
 
 def fast_decoder(model: nn.Module, inference: str) -> FastDecoder | None:
@@ -90,13 +93,15 @@ class FastDecoder:
     the stacked memory projection, rebuilt whenever a source weight changed.
     """
 
-    def __init__(self, model: nn.Module, compile: bool = False, min_capacity: int = MIN_CAPACITY):
+    def __init__(
+        self, model: nn.Module, compile: bool = False, min_capacity: int = MIN_CAPACITY, span_step: int = SPAN_STEP
+    ):
         self.model = model
         language_model = model if hasattr(model, "embedding") else model.base
         self.embedding, self.logits = language_model.embedding, language_model.logits
         self.layers: list[DecoderLayer] = list(model.decoder.layers)
         self.norm = model.decoder.norm
-        self.min_capacity = min_capacity
+        self.min_capacity, self.span_step = min_capacity, span_step
         self.memory_layers = [i for i, layer in enumerate(self.layers) if layer.memory_cross_attention is not None]
         self.rotary = self.layers[0].self_attention.rotary
         self._memory_weight: torch.Tensor | None = None
@@ -150,9 +155,11 @@ class FastDecoder:
         stm: torch.Tensor | None = None,
         all_logits: bool = False,
         keep: Callable[[DecodeState], None] | None = None,
+        memory: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Step:
-        """A ``generation.Step`` over ``state``: the first call prefills (reading ``stm``), later calls
-        decode. ``keep`` is told of the state whenever it grows into a new one (a cache kept across turns)."""
+        """A ``generation.Step`` over ``state``: the first call prefills (reading ``stm``, or its projected
+        ``memory``), later calls decode. ``keep`` is told of the state whenever it grows into a new one
+        (a cache kept across turns)."""
         current, prefilled = state, False
 
         def step(tokens: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -166,7 +173,7 @@ class FastDecoder:
             if prefilled:
                 return self.decode(current, tokens, positions)
             prefilled = True
-            return self.prefill(current, tokens, positions, key_mask[:, -n:], stm, all_logits)
+            return self.prefill(current, tokens, positions, key_mask[:, -n:], stm, all_logits, memory)
 
         return step
 
@@ -179,21 +186,27 @@ class FastDecoder:
         valid: torch.Tensor,
         stm: torch.Tensor | None = None,
         all_logits: bool = False,
+        memory: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Write ``tokens`` (B, T) into the next T slots; logits (B, 1, V) of the last one (``all_logits``:
         (B, T, V)). positions: (B, T) RoPE positions; valid: (B, T) True for real tokens; stm: the
-        memory (L_mem, B, S, D), projected here once for the turn. ``state`` must have room (reserve)."""
+        memory (L_mem, B, S, D), projected here once for the turn, or ``memory``: its K/V already
+        projected (``project_memory``). ``state`` must have room (reserve)."""
         slots = self._slots(state, tokens.shape[1])
         memory_weight = None
-        if stm is not None:
+        if memory is not None:
+            state.memory_keys, state.memory_values = memory
+            stm = None  # nothing left to project
+        elif stm is not None:
             memory_weight = self._stacked_memory_weight()
             if state.memory_keys is None or state.memory_keys.shape[3] != stm.shape[2]:
                 attention = self.layers[self.memory_layers[0]].memory_cross_attention
                 shape = (len(self.memory_layers), stm.shape[1], attention.n_kv_heads, stm.shape[2], attention.d_head)
                 state.memory_keys = torch.zeros(shape, dtype=stm.dtype, device=stm.device)
                 state.memory_values = torch.zeros_like(state.memory_keys)
-        logits = self._prefill(tokens, positions, slots, valid, state.keys, state.values, state.valid,
-                               stm, memory_weight, state.memory_keys, state.memory_values, all_logits)
+        logits = self._prefill(tokens, positions, slots, self._span(state, tokens.shape[1]), valid, state.keys,
+                               state.values, state.valid, stm, memory_weight, state.memory_keys,
+                               state.memory_values, all_logits)
         state.length += tokens.shape[1]
         return logits
 
@@ -201,16 +214,30 @@ class FastDecoder:
     def decode(self, state: DecodeState, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One new token per row: tokens and positions (B, 1) -> logits (B, 1, V)."""
         slots = self._slots(state, 1)
-        logits = self._decode(tokens, positions, slots, state.keys, state.values, state.valid,
-                              state.memory_keys, state.memory_values)
+        logits = self._decode(tokens, positions, slots, self._span(state, 1), state.keys, state.values,
+                              state.valid, state.memory_keys, state.memory_values)
         state.length += 1
         return logits
+
+    @torch.no_grad()
+    def project_memory(self, stm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory K/V of every memory layer, (L_mem, B, H_kv, S, d_head) x 2, for ``prefill(memory=...)``."""
+        attention = self.layers[self.memory_layers[0]].memory_cross_attention
+        shape = (len(self.memory_layers), stm.shape[1], attention.n_kv_heads, stm.shape[2], attention.d_head)
+        keys = torch.empty(shape, dtype=stm.dtype, device=stm.device)
+        values = torch.empty_like(keys)
+        self._project_memory(stm, self._stacked_memory_weight(), keys, values)
+        return keys, values
 
     def _slots(self, state: DecodeState, n: int) -> torch.Tensor:
         if state.length + n > state.capacity:
             raise ValueError(f"the decode state holds {state.capacity} slots, {state.length} used: "
                              f"no room for {n} more (call reserve first)")
         return torch.arange(state.length, state.length + n, device=state.keys.device)
+
+    def _span(self, state: DecodeState, n: int) -> int:
+        """Slots attention reads once ``n`` more are written: those in use, rounded up to ``span_step``."""
+        return min(state.capacity, -(-(state.length + n) // self.span_step) * self.span_step)
 
     def _stacked_memory_weight(self) -> torch.Tensor:
         """(L_mem, D, 2 H_kv d_head): every memory layer's K and V projections side by side."""
@@ -227,17 +254,18 @@ class FastDecoder:
         return self._memory_weight
 
     # -- device side: the two graphs ---------------------------------------------------------------------
-    def _prefill_graph(self, tokens, positions, slots, valid, keys, values, valid_slots,
+    def _prefill_graph(self, tokens, positions, slots, span: int, valid, keys, values, valid_slots,
                        stm, memory_weight, memory_keys, memory_values, all_logits: bool) -> torch.Tensor:
         if stm is not None:
             self._project_memory(stm, memory_weight, memory_keys, memory_values)
-        hidden = self._run(tokens, positions, slots, valid, keys, values, valid_slots, memory_keys, memory_values)
+        hidden = self._run(tokens, positions, slots, span, valid, keys, values, valid_slots,
+                           memory_keys, memory_values)
         return self.logits(hidden if all_logits else hidden[:, -1:])
 
-    def _decode_graph(self, tokens, positions, slots, keys, values, valid_slots,
+    def _decode_graph(self, tokens, positions, slots, span: int, keys, values, valid_slots,
                       memory_keys, memory_values) -> torch.Tensor:
         valid = torch.ones_like(tokens, dtype=torch.bool)
-        return self.logits(self._run(tokens, positions, slots, valid, keys, values, valid_slots,
+        return self.logits(self._run(tokens, positions, slots, span, valid, keys, values, valid_slots,
                                      memory_keys, memory_values))
 
     def _project_memory(self, stm, weight, memory_keys, memory_values) -> None:
@@ -253,16 +281,17 @@ class FastDecoder:
         memory_keys.copy_(kv[0])
         memory_values.copy_(kv[1])
 
-    def _run(self, tokens, positions, slots, valid, keys, values, valid_slots, memory_keys, memory_values):
-        """The decoder layers over the new tokens (B, T): normed hidden states (B, T, D)."""
+    def _run(self, tokens, positions, slots, span, valid, keys, values, valid_slots, memory_keys, memory_values):
+        """The decoder layers over the new tokens (B, T): normed hidden states (B, T, D). Attention
+        reads the first ``span`` slots (every written one is among them)."""
         valid_slots.index_copy_(1, slots, valid)
-        key_slots = torch.arange(valid_slots.shape[1], device=slots.device)
-        own = key_slots == slots[:, None]  # (T, C)
-        mask = ((key_slots <= slots[:, None]) & (valid_slots[:, None, :] | own))[:, None]  # (B, 1, T, C)
+        key_slots = torch.arange(span, device=slots.device)
+        own = key_slots == slots[:, None]  # (T, span)
+        mask = ((key_slots <= slots[:, None]) & (valid_slots[:, None, :span] | own))[:, None]  # (B, 1, T, span)
         x = self.embedding(tokens)
         memory_slot = 0
         for i, layer in enumerate(self.layers):
-            x = x + self._self_attention(layer, x, positions, slots, keys[i], values[i], mask)
+            x = x + self._self_attention(layer, x, positions, slots, keys[i], values[i], mask, span)
             if layer.memory_cross_attention is not None:
                 x = x + self._memory_read(layer, x, positions, memory_keys[memory_slot], memory_values[memory_slot])
                 memory_slot += 1
@@ -270,14 +299,14 @@ class FastDecoder:
         return self.norm(x)
 
     @staticmethod
-    def _self_attention(layer, x, positions, slots, keys, values, mask) -> torch.Tensor:
+    def _self_attention(layer, x, positions, slots, keys, values, mask, span) -> torch.Tensor:
         attention = layer.self_attention
         h = layer.self_norm(x)
         q = attention.rotary.rotate(attention._heads(attention.q_proj(h), attention.n_q_heads), positions)
         k = attention.rotary.rotate(attention._heads(attention.k_proj(h), attention.n_kv_heads), positions)
         keys.index_copy_(2, slots, k)  # (B, H_kv, C, d_head): written by slot, never concatenated
         values.index_copy_(2, slots, attention._heads(attention.v_proj(h), attention.n_kv_heads))
-        return attention.output(attention.attend(q, keys, values, mask))
+        return attention.output(attention.attend(q, keys[:, :, :span], values[:, :, :span], mask))
 
     @staticmethod
     def _memory_read(layer, x, positions, memory_keys, memory_values) -> torch.Tensor:
