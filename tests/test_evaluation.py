@@ -57,17 +57,17 @@ def test_distance_ranges_add_up_the_distances_in_them(capsys):
     from rxt.evaluation.recall import RecallReport, print_table
 
     report = RecallReport()
-    for distance, asked, right in ((1, 10, 9), (4, 10, 5), (6, 5, 5), (12, 4, 0), (20, 2, 1)):
+    for distance, asked, right in ((1, 10, 9), (4, 10, 5), (6, 5, 5), (12, 4, 0), (20, 2, 1), (70, 1, 0)):
         report.asked[distance], report.hits["rxt"][distance] = asked, right
     report.nll["rxt"], report.scored_tokens["rxt"], report.tokens_processed["rxt"] = 1.0, 1, 1
     data = report.to_dict()
-    assert data["questions_by_distance_range"] == {"1-4": 20, "5-8": 5, "9-16": 4, "17+": 2}
+    assert data["questions_by_distance_range"] == {"1-4": 20, "5-8": 5, "9-16": 4, "17-32": 2, "65+": 1}
     assert data["by_distance_range"] == {"1-4": {"rxt": 0.7}, "5-8": {"rxt": 1.0}, "9-16": {"rxt": 0.0},
-                                         "17+": {"rxt": 0.5}}
+                                         "17-32": {"rxt": 0.5}, "65+": {"rxt": 0.0}}
     print_table(report)
     assert re.search(r"^\s+1-4\s+20\s+70\.0%$", capsys.readouterr().out, flags=re.MULTILINE)
     del report.asked[20], report.hits["rxt"][20]
-    assert "17+" not in report.to_dict()["by_distance_range"]  # only spans some question falls in
+    assert "17-32" not in report.to_dict()["by_distance_range"]  # only spans some question falls in
 
 
 def test_score_matches_a_manual_teacher_forced_loss(engines):

@@ -231,7 +231,7 @@ def test_queue_writes_append_the_turn_and_drop_the_oldest_slots(variant: str) ->
 def test_queue_writes_need_write_slots() -> None:
     with pytest.raises(ValueError, match="write_slots"):
         tiny(memory_write="queue")
-    with pytest.raises(ValueError, match="stm_slots=8, got write_slots=20"):
+    with pytest.raises(ValueError, match="stm_slots=8 - long_term_slots=0\\), got write_slots=20"):
         tiny(memory_write="queue", write_slots=20)
     with pytest.raises(ValueError, match="write_slots=2 is for memory_write 'queue'"):
         tiny(write_slots=2)

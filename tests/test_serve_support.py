@@ -33,8 +33,9 @@ TEXTS = [f"Hi, my name is {n} and I like {t}. What do I like? You like {t}, {n}.
 MAX_TOKENS = 8
 
 
-def make_tiny_model(directory: Path, seed: int = 0, model_class: type = ReactiveTransformer) -> Path:
-    """A random tiny RxT model (or ``model_class``, e.g. StatelessLM) with a trained tokenizer, saved like a real one.
+def make_tiny_model(directory: Path, seed: int = 0, model_class: type = ReactiveTransformer, **overrides) -> Path:
+    """A random tiny RxT model (or ``model_class``, e.g. StatelessLM; ``overrides`` of its config) with a
+    trained tokenizer, saved like a real one.
 
     Weights are drawn wider than the training init (std 0.02): at that scale an untrained model
     repeats its last input token whatever it reads, and the tests need answers that depend on the
@@ -42,7 +43,7 @@ def make_tiny_model(directory: Path, seed: int = 0, model_class: type = Reactive
     """
     tokenizer = Tokenizer.train(TEXTS, vocab_size=300)
     torch.manual_seed(seed)
-    model = model_class(ModelConfig.from_name("tiny", vocab_size=tokenizer.vocab_size))
+    model = model_class(ModelConfig.from_name("tiny", vocab_size=tokenizer.vocab_size, **overrides))
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() >= 2:

@@ -13,7 +13,8 @@ from rxt.attention import ATTENTION_IMPLS, check_heads
 MEMORY_ATTENTION_VARIANTS = ("simple", "self", "interlayer", "gated_self_interlayer")
 GATE_MODES = ("static", "elementwise", "linear", "content")
 GATE_ACTIVATIONS = ("sigmoid", "tanh", "none")
-MEMORY_WRITES = ("attention", "competitive", "queue")
+MEMORY_WRITES = ("attention", "competitive", "queue", "consolidate")
+QUEUE_WRITES = ("queue", "consolidate")  # writes that append write_slots new slots a turn
 
 
 @dataclass
@@ -38,9 +39,11 @@ class ModelConfig:
     gate_activation: str = "sigmoid"  # one of GATE_ACTIVATIONS
     # how slots read a turn: "attention" (each slot a softmax over the tokens) or "competitive"
     # (each token split among the slots; a slot that takes no token keeps what it holds), or "queue"
-    # (each turn folded into write_slots new slots; the oldest write_slots slots drop out)
+    # (each turn folded into write_slots new slots; the oldest write_slots slots drop out), or
+    # "consolidate" (a queue whose oldest slots are folded into long_term_slots gated slots instead)
     memory_write: str = "attention"
-    write_slots: int = 0  # slots a queue write fills per turn (stm_slots / write_slots turns are kept)
+    write_slots: int = 0  # slots a queue write fills per turn (queue slots / write_slots turns are kept)
+    long_term_slots: int = 0  # "consolidate": the first slots of the memory, the rest is the queue
     max_seq_len: int = 1024  # RoPE table length: longest sequence one pass may see
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
@@ -56,11 +59,20 @@ class ModelConfig:
         _choice("gate_mode", self.gate_mode, GATE_MODES)
         _choice("gate_activation", self.gate_activation, GATE_ACTIVATIONS)
         _choice("memory_write", self.memory_write, MEMORY_WRITES)
-        if self.memory_write == "queue" and not 1 <= self.write_slots <= self.stm_slots:
-            raise ValueError(f"memory_write 'queue' needs 1 <= write_slots <= stm_slots={self.stm_slots}, "
+        if self.memory_write == "consolidate" and not 1 <= self.long_term_slots < self.stm_slots:
+            raise ValueError(f"memory_write 'consolidate' needs 1 <= long_term_slots < stm_slots={self.stm_slots}, "
+                             f"got long_term_slots={self.long_term_slots}")
+        if self.memory_write != "consolidate" and self.long_term_slots:
+            raise ValueError(f"long_term_slots={self.long_term_slots} is for memory_write 'consolidate' "
+                             f"(got {self.memory_write!r})")
+        queue = self.stm_slots - self.long_term_slots
+        if self.memory_write in QUEUE_WRITES and not 1 <= self.write_slots <= queue:
+            raise ValueError(f"memory_write {self.memory_write!r} needs 1 <= write_slots <= {queue} (the queue's "
+                             f"slots: stm_slots={self.stm_slots} - long_term_slots={self.long_term_slots}), "
                              f"got write_slots={self.write_slots}")
-        if self.memory_write != "queue" and self.write_slots:
-            raise ValueError(f"write_slots={self.write_slots} is for memory_write 'queue' (got {self.memory_write!r})")
+        if self.memory_write not in QUEUE_WRITES and self.write_slots:
+            raise ValueError(f"write_slots={self.write_slots} is for memory_write 'queue' or 'consolidate' "
+                             f"(got {self.memory_write!r})")
         _choice("stm_init", self.stm_init, ("normal", "learned"))
         _choice("attn_impl", self.attn_impl, ATTENTION_IMPLS)
         for name in ("vocab_size", "n_layers", "ffn_dim", "stm_slots", "max_seq_len"):

@@ -19,6 +19,11 @@ of the memory and the oldest as many drop out. No gate: a fact is never written 
 once stm_slots / write_slots newer turns have been written (the order of the slots is the only
 clock; the decoder still reads them without positions).
 
+Consolidating writes (``memory_write: consolidate``) keep that queue in the last stm_slots -
+long_term_slots slots and fold the slots it evicts into the first long_term_slots slots instead of
+dropping them (see ``Consolidation``): the memory is still one (layers, B, stm_slots, D) tensor, so
+its size never changes, and the decoder reads recent and long-term slots alike.
+
 Variants differ only by the pre-step:
     simple                  none
     self                    S' = STM_i + Attn(STM_i <- STM_i)
@@ -34,7 +39,7 @@ import torch
 from torch import nn
 
 from rxt.attention import Attention, RotaryEmbedding
-from rxt.config import ModelConfig
+from rxt.config import QUEUE_WRITES, ModelConfig
 from rxt.layers import RMSNorm
 
 
@@ -132,8 +137,11 @@ class MemoryAttentionLayer(nn.Module):
         self.stm_norm = RMSNorm(c.d_model, c.norm_eps)
         self.ed_norm = RMSNorm(c.d_model, c.norm_eps)
         self.attention = Attention(*heads, rope="k", impl=c.attn_impl, rotary=rotary)
-        if self.write == "queue":  # no gate: new slots replace the oldest ones whole
+        if self.write in QUEUE_WRITES:  # no gate: new slots replace the oldest ones whole
             self.write_queries = nn.Parameter(torch.randn(c.write_slots, c.d_model) * c.stm_init_std)
+            self.long_term_slots = c.long_term_slots
+            if self.write == "consolidate":
+                self.consolidation = Consolidation(c)
         else:
             self.gate = ResidualGate(c.stm_slots, c.gate_mode, c.gate_activation, c.d_model)
 
@@ -149,7 +157,7 @@ class MemoryAttentionLayer(nn.Module):
         self, stm: torch.Tensor, stm_mean: torch.Tensor, ed: torch.Tensor, ed_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """stm: (B, S, D) this layer's memory; stm_mean: (B, S, D) mean over layers; ed: (B, T, D)."""
-        query = self.write_queries.expand(stm.shape[0], -1, -1) if self.write == "queue" else stm
+        query = self.write_queries.expand(stm.shape[0], -1, -1) if self.write in QUEUE_WRITES else stm
         if self.variant != "simple":
             source = self.pre_norm(self.pre_step_source(stm, stm_mean))
             query = query + self.pre_attention(self.pre_norm(query), source)
@@ -160,9 +168,62 @@ class MemoryAttentionLayer(nn.Module):
         update = self.attention(
             self.stm_norm(query), self.ed_norm(ed), context_positions=ed_positions, key_mask=ed_mask
         )
-        if self.write == "queue":  # the turn's new slots go to the end, the oldest as many drop out
-            return torch.cat([stm[:, query.shape[1] :], query + update], dim=1)
+        if self.write in QUEUE_WRITES:  # the turn's new slots go to the end, the oldest as many leave
+            long_term, queue = stm[:, : self.long_term_slots], stm[:, self.long_term_slots :]
+            evicted, kept = queue[:, : query.shape[1]], queue[:, query.shape[1] :]
+            if self.write == "consolidate":
+                long_term = self.consolidation(long_term, evicted)
+            return torch.cat([long_term, kept, query + update], dim=1)
         return self.gate(stm, update)
+
+
+class Consolidation(nn.Module):
+    """Folds the slots a queue evicts, E (B, w, D), into K long-term slots M (B, K, D):
+
+        a_kj     = softmax_k((A_k + W_q norm(M_k)) . W_e norm(E_j) / sqrt(D))   each evicted slot split among M
+        taken_k  = sum_j a_kj                                                  how much slot k takes
+        U_k      = sum_j a_kj E_j / taken_k                                     the mean of what it took
+        M'_k     = (1 - g_k) M_k + g_k U_k,   g_k = min(taken_k, 1) * sigmoid(content gate(M_k, U_k))
+
+    The update is the evicted slots themselves, not a projection of them: a slot taken whole with an
+    open gate is moved, not rewritten, so the decoder reads it as it read it in the queue. A_k is a
+    learned address per slot (a random one at the start), so facts of a kind can find one place and a
+    new value of the fact can replace the old one there; W_q, W_e start as the identity. The gate is
+    the residual gate's ``content`` mode (one g per element), a learned stand-in for a surprise
+    signal (Titans, arXiv 2501.00663): it can shut for what is not worth keeping. A slot that takes
+    nothing keeps what it holds, so a fact outlives the queue until another write lands on its slot.
+    Unlike a compressive memory (arXiv 1911.05507) nothing is pooled on a schedule; unlike RMT
+    (arXiv 2207.06881) the long-term slots are written only through this gate, never rewritten whole.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        k, d = config.long_term_slots, config.d_model
+        generator = torch.Generator().manual_seed(1)
+        # (K, D); std 3 gives address scores of std 3: an evicted slot goes mostly to one or two slots
+        self.address = nn.Parameter(3.0 * torch.randn(k, d, generator=generator))
+        self.slot_norm = RMSNorm(d, config.norm_eps)
+        self.evicted_norm = RMSNorm(d, config.norm_eps)
+        self.route_query = nn.Linear(d, d, bias=False)
+        self.route_key = nn.Linear(d, d, bias=False)
+        self.gate = ResidualGate(k, "content", "sigmoid", d)
+        self.reset_routing()
+
+    def reset_routing(self) -> None:
+        """W_q, W_e = I (the model's weight init would make them near zero: routing by address alone)."""
+        with torch.no_grad():
+            self.route_query.weight.copy_(torch.eye(self.route_query.weight.shape[0]))
+            self.route_key.weight.copy_(torch.eye(self.route_key.weight.shape[0]))
+
+    def forward(self, long_term: torch.Tensor, evicted: torch.Tensor) -> torch.Tensor:
+        """long_term: (B, K, D); evicted: (B, w, D) -> the new long-term slots (B, K, D)."""
+        query = self.address + self.route_query(self.slot_norm(long_term))  # (B, K, D)
+        key = self.route_key(self.evicted_norm(evicted))  # (B, w, D)
+        scores = query.float() @ key.float().transpose(-2, -1) / math.sqrt(key.shape[-1])  # (B, K, w)
+        weights = scores.softmax(dim=-2)  # each evicted slot splits itself among the long-term slots
+        taken = weights.sum(-1, keepdim=True)  # (B, K, 1)
+        update = (weights / (taken + 1e-6)) @ evicted.float()  # (B, K, D)
+        return self.gate(long_term, update.type_as(long_term), share=taken.clamp(max=1).type_as(long_term))
 
 
 def competitive_write(

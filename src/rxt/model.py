@@ -21,7 +21,7 @@ from torch import nn
 from rxt.attention import KVCache, RotaryEmbedding
 from rxt.config import ModelConfig
 from rxt.layers import DecoderLayer, EncoderLayer, RMSNorm
-from rxt.memory import MemoryAttention, ResidualGate, ShortTermMemory, positions_from_mask
+from rxt.memory import Consolidation, MemoryAttention, ResidualGate, ShortTermMemory, positions_from_mask
 
 log = logging.getLogger(__name__)
 
@@ -272,3 +272,5 @@ def _init_weights(module: nn.Module) -> None:
     if isinstance(module, ResidualGate) and module.mode == "content":  # apply() reaches it after its Linears
         nn.init.zeros_(module.read_old.weight)  # a content gate starts as the elementwise one
         nn.init.zeros_(module.read_update.weight)
+    if isinstance(module, Consolidation):  # its routing maps start as the identity
+        module.reset_routing()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from rxt.config import QUEUE_WRITES
 from rxt.data.dialogues import Dialogue, generate_dialogues
 from rxt.model import ReactiveTransformer
 
@@ -32,8 +33,9 @@ from rxt.model import ReactiveTransformer
 def gate_statistics(model: ReactiveTransformer, dialogues: Sequence[Dialogue]) -> list[dict[str, float]]:
     """One dict per STM layer: mean, across_slots, across_turns, told, other (see the module doc)
     and slots, each slot's average G."""
-    if model.config.memory_write == "queue":
-        raise ValueError("this model writes its memory as a queue (memory_write 'queue'): it has no gates")
+    if model.config.memory_write in QUEUE_WRITES:
+        raise ValueError(f"this model writes its memory as a queue (memory_write {model.config.memory_write!r}): "
+                         "it has no gates on the whole memory")
     if model.config.gate_activation != "sigmoid":
         raise ValueError(f"gate statistics need sigmoid gates (G in 0..1); this model's are {model.config.gate_activation!r}")
     layers = model.memory_attention.layers

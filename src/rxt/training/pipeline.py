@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from rxt.config import QUEUE_WRITES
 from rxt.data.corpus import conversation_pairs, default_tokenizer_texts, text_chunks
 from rxt.data.dialogues import DialogueGenerator
 from rxt.data.jsonl import DialogueList
@@ -152,7 +153,7 @@ class RecipeRun:
         if stage == "memory_attention":
             turns = self.recipe.stages.memory_attention.max_turns
             train, held = DialogueSource(tok, self.train_dialogues, turns), DialogueSource(tok, self.heldout_dialogues, turns)
-            written = c.write_slots if c.memory_write == "queue" else c.stm_slots  # the slots the loss scores
+            written = c.write_slots if c.memory_write in QUEUE_WRITES else c.stm_slots  # the slots the loss scores
             build = partial(DialogueSource.turns_batch, count="vectors", slots=written, layers=c.n_layers)
             return partial(build, train), partial(build, held)
         train = DialogueSource(tok, self.train_dialogues, recall_weight=weight)
@@ -222,6 +223,8 @@ class RecipeRun:
         loaded = type(fresh).from_pretrained(directory)
         old, new = loaded.config.to_dict(), fresh.config.to_dict()
         differ = sorted(k for k, v in old.items() if new[k] != v)
+        if old["memory_write"] == "queue" and new["memory_write"] == "consolidate":
+            return grow_long_term(loaded, fresh, directory)
         # A continued run may switch how memory is written (the attention's weights carry over; a queue
         # write drops the gates and starts new write queries) and grow content gates on elementwise ones
         # (the new maps start at zero: the same function).
@@ -302,6 +305,25 @@ class RecipeRun:
             if any(k in last for k in BASELINE_STAGES):
                 totals["baseline"] = sum(last.get(k, 0) for k in BASELINE_STAGES)
         return totals
+
+
+def grow_long_term(loaded: torch.nn.Module, fresh: torch.nn.Module, directory: Path) -> torch.nn.Module:
+    """A queue model continued as a consolidating one: its queue, weights and start state carry over
+    whole; the long-term slots (their start state) and the consolidation are new."""
+    old, new = loaded.config, fresh.config
+    grown = dict(memory_write="consolidate", stm_slots=old.stm_slots + new.long_term_slots,
+                 long_term_slots=new.long_term_slots)
+    differ = sorted(k for k, v in old.to_dict().items() if k not in grown and new.to_dict()[k] != v)
+    if differ or new.stm_slots != grown["stm_slots"]:
+        raise ValueError(f"init_from: {directory} is a queue of {old.stm_slots} slots; the recipe's model must be "
+                         f"the same with long_term_slots added to stm_slots (differs in {differ or ['stm_slots']})")
+    state = loaded.state_dict()
+    if "stm.init" in state:  # the queue's start state goes behind the fresh long-term slots'
+        state["stm.init"] = torch.cat([fresh.stm.init[:, : new.long_term_slots], state["stm.init"]], dim=1)
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    if unexpected or not all(".consolidation." in k for k in missing):
+        raise ValueError(f"init_from: cannot carry {directory}'s weights over: {missing + unexpected}")
+    return fresh
 
 
 def _joint_lm(model, data, generator, spec, mask_id):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rxt.config import QUEUE_WRITES
 from rxt.model import ReactiveTransformer, StatelessLM
 from rxt.training.batches import IGNORE, weighted_count
 from rxt.training.recipe import JointLMSpec, MemoryAttentionSpec, SMATSpec
@@ -104,7 +105,7 @@ def memory_attention_loss(model: ReactiveTransformer, turns: list[dict], spec: M
             encoded = model.encode(ids, mask)
         noisy = [e + spec.input_noise * torch.randn(e.shape, generator=generator).to(device) for e in encoded]
         updated = model.consolidate(stm, noisy, mask)  # (L, B, S, D)
-        if model.config.memory_write == "queue":  # the new slots should sum up the turn; the rest is a copy
+        if model.config.memory_write in QUEUE_WRITES:  # the new slots should sum up the turn; the rest is a copy
             k = model.config.write_slots
             written, target = updated[:, :, -k:], torch.stack([pool_to_slots(e, mask, k) for e in encoded])
         else:
