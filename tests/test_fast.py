@@ -174,3 +174,15 @@ def test_memory_kv_kept_from_the_update_or_projected_when_the_stm_was_replaced(e
     expected = eager.interact_batch([reference], [QUERIES[1]], GREEDY, remember=False)[0].token_ids
     for fresh in (session, loaded):
         assert static.interact_batch([fresh], [QUERIES[1]], GREEDY, remember=False)[0].token_ids == expected
+
+
+def test_a_server_counts_the_fast_paths_kept_cache(engine_factory) -> None:
+    from rxt.serve.kv_caches import KVCacheKeeper
+
+    engine = engine_factory("cached", inference="static")
+    session = engine.new_session()
+    engine.interact(session, QUERIES[0], GREEDY)
+    keeper = KVCacheKeeper(capacity=2)
+    keeper.keep(session)
+    state = session.runtime["state"]
+    assert keeper.nbytes == state.allocated_bytes() >= state.nbytes() > 0

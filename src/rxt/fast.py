@@ -83,6 +83,10 @@ class DecodeState:
         per_slot = self.keys[:, :, :, 0].nelement() * self.keys.element_size()
         return 2 * per_slot * self.length
 
+    def allocated_bytes(self) -> int:
+        """Bytes the preallocated keys and values take, written or not."""
+        return 2 * self.keys.nelement() * self.keys.element_size()
+
 
 class FastDecoder:
     """Prefill and decode of an RxT (or stateless) decoder over a ``DecodeState``.

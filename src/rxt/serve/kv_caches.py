@@ -53,6 +53,8 @@ class KVCacheKeeper:
         if self.capacity < 1 or not session.runtime:
             return
         nbytes = sum(cache.nbytes() for cache in session.runtime.get("caches", []))
+        if "state" in session.runtime:  # the fast path's preallocated cache (rxt.fast): all of it is held
+            nbytes += session.runtime["state"].allocated_bytes()
         if self.max_bytes is not None and nbytes > self.max_bytes:
             return
         with self._lock:
