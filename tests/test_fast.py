@@ -65,10 +65,10 @@ def test_capacity_buckets_and_growth(make_tiny_model) -> None:
     fast = FastDecoder(make_tiny_model(StatelessLM), min_capacity=4)
     state = fast.new_state(1, 3)
     assert state.capacity == 4
-    state.keys[:, :, :, :3] = 1.0
+    state.keys[1][:, :, :3] = 1.0
     state.length = 3
     grown = fast.reserve(state, 2)
-    assert grown.capacity == 8 and grown.length == 3 and bool((grown.keys[:, :, :, :3] == 1).all())
+    assert grown.capacity == 8 and grown.length == 3 and bool((grown.keys[1][:, :, :3] == 1).all())
     assert fast.reserve(grown, 5) is grown
     with pytest.raises(ValueError, match="no room"):  # 3 used + 6 new > 8
         fast.prefill(grown, torch.ones(1, 6, dtype=torch.long), torch.zeros(1, 6, dtype=torch.long),

@@ -320,6 +320,8 @@ class ReactiveEngine(ChatEngine):
         kept = [s.runtime.get("memory_kv") for s in sessions]
         if any(k is None or k[0] is not s.tensors["stm"] for k, s in zip(kept, sessions, strict=True)):
             return None
+        if len(kept) == 1:
+            return kept[0][1], kept[0][2]
         return torch.cat([k[1] for k in kept], dim=1), torch.cat([k[2] for k in kept], dim=1)
 
     def turn_prompt(self, query: str) -> list[int]:

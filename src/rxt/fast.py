@@ -67,8 +67,10 @@ class DecodeState:
     """Everything decoding writes, preallocated: the self-attention caches of all layers, which slots
     hold real tokens, and this turn's memory K/V."""
 
-    keys: torch.Tensor  # (L, B, H_kv, C, d_head)
-    values: torch.Tensor  # (L, B, H_kv, C, d_head)
+    # one (B, H_kv, C, d_head) tensor per layer, not views of one stacked tensor: a compiled graph that
+    # writes into a view rewrites the whole base tensor (a copy of every layer's cache at every step)
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
     valid: torch.Tensor  # (B, C) bool: a real token was written in this slot
     memory_keys: torch.Tensor | None = None  # (L_mem, B, H_kv, S, d_head)
     memory_values: torch.Tensor | None = None
@@ -76,16 +78,16 @@ class DecodeState:
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[3]
+        return self.keys[0].shape[2]
 
     def nbytes(self) -> int:
         """Bytes of the keys and values written so far (what an eager KVCache of as many tokens holds)."""
-        per_slot = self.keys[:, :, :, 0].nelement() * self.keys.element_size()
+        per_slot = sum(k[:, :, 0].nelement() * k.element_size() for k in self.keys)
         return 2 * per_slot * self.length
 
     def allocated_bytes(self) -> int:
         """Bytes the preallocated keys and values take, written or not."""
-        return 2 * self.keys.nelement() * self.keys.element_size()
+        return 2 * sum(k.nelement() * k.element_size() for k in self.keys)
 
 
 class FastDecoder:
@@ -135,21 +137,24 @@ class FastDecoder:
         attention = self.layers[0].self_attention
         capacity = capacity_for(n_tokens, self.min_capacity)
         weight = self.embedding.weight
-        shape = (len(self.layers), batch_size, attention.n_kv_heads, capacity, attention.d_head)
-        keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        shape = (batch_size, attention.n_kv_heads, capacity, attention.d_head)
+
+        def zeros() -> list[torch.Tensor]:
+            return [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
+
         valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=weight.device)
         self.rotary.ensure(capacity)  # positions never exceed slots: no bounds check inside the graphs
-        return DecodeState(keys, torch.zeros_like(keys), valid)
+        return DecodeState(zeros(), zeros(), valid)
 
     def reserve(self, state: DecodeState, n_new: int) -> DecodeState:
         """``state`` if ``n_new`` more tokens fit, else a copy in a larger capacity bucket."""
         needed = state.length + n_new
         if needed <= state.capacity:
             return state
-        grown = self.new_state(state.keys.shape[1], needed)
+        grown = self.new_state(state.valid.shape[0], needed)
         n = state.length
-        grown.keys[:, :, :, :n] = state.keys[:, :, :, :n]
-        grown.values[:, :, :, :n] = state.values[:, :, :, :n]
+        for new, old in zip(grown.keys + grown.values, state.keys + state.values, strict=True):
+            new[:, :, :n] = old[:, :, :n]
         grown.valid[:, :n] = state.valid[:, :n]
         return replace(grown, memory_keys=state.memory_keys, memory_values=state.memory_values, length=n)
 
@@ -237,7 +242,7 @@ class FastDecoder:
         if state.length + n > state.capacity:
             raise ValueError(f"the decode state holds {state.capacity} slots, {state.length} used: "
                              f"no room for {n} more (call reserve first)")
-        return torch.arange(state.length, state.length + n, device=state.keys.device)
+        return torch.arange(state.length, state.length + n, device=state.valid.device)
 
     def _span(self, state: DecodeState, n: int) -> int:
         """Slots attention reads once ``n`` more are written: those in use, rounded up to ``span_step``."""

@@ -104,6 +104,9 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str
     """Left-pad token lists into (B, T) ids and a (B, T) bool mask of real tokens."""
     if any(len(s) == 0 for s in sequences):
         raise ValueError("cannot pad an empty token sequence")
+    if len(sequences) == 1:  # nothing to pad: the common single-conversation turn, without the loop
+        ids = torch.tensor(sequences, dtype=torch.long, device=device)
+        return ids, torch.ones_like(ids, dtype=torch.bool)
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.bool)
