@@ -25,7 +25,7 @@ from rxt.bench.timing import describe_machine
 from rxt.data.jsonl import DialogueList
 from rxt.engine import ChatEngine, ReactiveEngine
 from rxt.generation import SamplingConfig
-from rxt.model import load_model
+from rxt.model import StatelessLM, load_model
 
 
 def messages(path: Path, turns: int, max_chars: int) -> list[str]:
@@ -65,11 +65,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = load_model(args.adapter, base=args.base)
+    base = StatelessLM.from_pretrained(args.base)  # (the adapter's copy of it has memory layers now)
     engines: dict[str, ChatEngine] = {
-        "rxt": ReactiveEngine(model),
-        "stateless": StatelessEngine(model.base, mode="full"),
-        "current_turn": StatelessEngine(model.base, mode="current"),
+        "rxt": ReactiveEngine(load_model(args.adapter, base=args.base)),
+        "stateless": StatelessEngine(base, mode="full"),
+        "current_turn": StatelessEngine(base, mode="current"),
     }
     queries = messages(args.data, args.turns, args.max_chars)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
