@@ -91,6 +91,10 @@ def test_closed_forms() -> None:
 def test_bad_settings_are_refused(capsys) -> None:
     assert main(["bench", "latency", "--preset", "tiny", "--turn-tokens", "4", "--query-tokens", "4"]) == 2
     assert "rxt bench latency" in capsys.readouterr().err
+    assert main([*FAST, "--set", "widht=512"]) == 2
+    assert "--set widht: not a model config key" in capsys.readouterr().err
+    assert main([*FAST, "--set", "d_model"]) == 2
+    assert "--set takes KEY=VALUE" in capsys.readouterr().err
 
 
 def test_breakeven_turn_is_where_rxt_stays_ahead() -> None:

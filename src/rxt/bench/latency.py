@@ -182,6 +182,8 @@ def config_overrides(settings: list[str]) -> dict[str, Any]:
         key, sep, value = setting.partition("=")
         if not sep or not key:
             raise ValueError(f"--set takes KEY=VALUE, got {setting!r}")
+        if key not in ModelConfig.__dataclass_fields__:
+            raise ValueError(f"--set {key}: not a model config key; known keys are {sorted(ModelConfig.__dataclass_fields__)}")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
