@@ -25,11 +25,12 @@ MEMORIES = {  # name in the runs -> label, state bytes
     "queue128": ("queue, 128 slots", 262144),
     "lasting0": ("queue 32 + 32 long-term, untrained", 131072),
     "lasting": ("queue 32 + 32 long-term, trained", 131072),
+    "lasting_more": ("queue 32 + 32 long-term, trained 300 steps", 131072),
 }
 COLOURS = {"shipped": "tab:blue", "queue64": "tab:orange", "queue128": "tab:green", "lasting0": "tab:red",
-           "lasting": "tab:purple"}  # one colour a memory, in both panels
+           "lasting": "tab:purple", "lasting_more": "tab:brown"}  # one colour a memory, in both panels
 SUITE = {"shipped": "models_nano_rxt", "queue128": "runs_probe_queue128", "lasting0": "runs_probe_lasting0",
-         "lasting": "runs_nano-lasting_rxt"}
+         "lasting": "runs_nano-lasting_rxt", "lasting_more": "runs_nano-lasting-more_rxt"}
 
 
 def main() -> None:
