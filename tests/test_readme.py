@@ -33,6 +33,8 @@ def check_command(command: str) -> None:
     """Raise if the command would not even start: an unknown make target, a missing script or file,
     or rxt arguments its parser refuses."""
     words = shlex.split(command)
+    while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # leading environment settings
+        words = words[1:]
     for word in words:
         if word.startswith(REPO_FOLDERS):
             assert (ROOT / word).exists(), f"{command!r} names {word}, which is not in the repository"
