@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rxt.data.dialogues import Dialogue, Turn
+from rxt.data.dialogues import HELDOUT_WORDS, POOLS, Dialogue, Turn
 from rxt.data.jsonl import write_dialogues
 from rxt.pretrained.reactive import ReactiveConfig, ReactivePretrained
 from rxt.pretrained.training import (
@@ -86,6 +86,29 @@ def test_training_mixes_fact_dialogues_and_chitchat_by_index_alone(tmp_path, cha
     kinds = [first[i].id.startswith("c") for i in range(40)]
     assert 5 < sum(kinds) < 35
     assert [again[i].id for i in range(40)] == [first[i].id for i in range(40)]
+
+
+def test_fresh_values_give_every_training_dialogue_a_new_word_never_a_held_out_or_pool_value():
+    def values(spec: ReactiveDataSpec) -> list[str]:
+        data = TrainingDialogues(spec)
+        return [t.check["value"] for i in range(200) for t in data[i].turns if t.check and t.check["slot"] != "age"]
+
+    shape = {"fact_share": 1.0, "min_turns": 2, "max_turns": 3, "max_distance": 2, "facts_per_dialogue": [1, 1]}
+    pooled = {v.lower() for pool in POOLS.values() for v in pool}
+    fresh = values(ReactiveDataSpec(fresh_values=1.0, fresh_words="all", **shape))
+    assert len(fresh) > 100 and not {v.lower() for v in fresh} & HELDOUT_WORDS
+    assert len(set(fresh)) > 0.9 * len(fresh)  # nearly every dialogue its own value
+    assert sum(v.lower() not in pooled for v in fresh) > 0.9 * len(fresh)
+    repeated = values(ReactiveDataSpec(**shape))  # without: the few hundred training values, repeating
+    assert all(v.lower() in pooled for v in repeated) and len(set(repeated)) < 0.9 * len(repeated)
+
+
+def test_bad_fresh_values_are_refused(tmp_path, chat_base):
+    base_dir = chat_base.save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match="fresh_values"):
+        ReactiveRecipe(base=str(base_dir), data=ReactiveDataSpec(fact_share=1.0, fresh_values=2.0)).validate()
+    with pytest.raises(ValueError, match="fresh_words must be one of"):
+        ReactiveRecipe(base=str(base_dir), data=ReactiveDataSpec(fact_share=1.0, fresh_words="klingon")).validate()
 
 
 def adapter(directory: Path) -> dict[str, torch.Tensor]:

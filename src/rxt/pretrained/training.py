@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from rxt.data.dialogues import FACTS, Dialogue, DialogueGenerator
+from rxt.data.dialogues import FACTS, FRESH_WORDS, Dialogue, DialogueGenerator
 from rxt.data.jsonl import DialogueList
 from rxt.pretrained.reactive import ReactiveConfig, ReactivePretrained
 from rxt.tokenizer import Tokenizer
@@ -58,6 +58,10 @@ class ReactiveDataSpec:
     frames: float = 0.3  # share of queries wrapped in an opener or closer
     paraphrases: float = 0.3  # share of statements in a training-only paraphrase
     recall_weight: float = 1.0  # loss weight of the answers to recall questions
+    # share of fact values drawn as new words (never a held-out value), so that recall must copy the
+    # value from memory rather than recall one of a few hundred training words; which kind of words
+    fresh_values: float = 0.0
+    fresh_words: str = "syllables"  # rxt.data.dialogues.FRESH_WORDS
     # real conversations (JSONL, e.g. data/chitchat/train.jsonl from `rxt data fetch`), cut short
     chitchat_file: str = ""
     chitchat_max_turns: int = 6
@@ -86,13 +90,15 @@ class ReactiveRecipe:
             raise FileNotFoundError(f"base: {self.base!r} is not a model directory "
                                     f"(make one with `rxt import gguf FILE --out DIR`)")
         d, t = self.data, self.train
-        for key in ("fact_share", "frames", "paraphrases"):
+        for key in ("fact_share", "frames", "paraphrases", "fresh_values"):
             if not 0.0 <= getattr(d, key) <= 1.0:
                 raise ValueError(f"data.{key} is a share in [0, 1], got {getattr(d, key)}")
         if d.fact_share < 1.0 and not d.chitchat_file:
             raise ValueError(f"data.fact_share {d.fact_share} leaves room for chitchat: give data.chitchat_file")
         if d.chitchat_file and not Path(d.chitchat_file).is_file():
             raise FileNotFoundError(f"data.chitchat_file: no such file: {d.chitchat_file} (run `rxt data fetch` first?)")
+        if d.fresh_words not in FRESH_WORDS:
+            raise ValueError(f"data.fresh_words must be one of {FRESH_WORDS}, got {d.fresh_words!r}")
         facts = d.facts_per_dialogue
         if len(facts) != 2 or not 1 <= facts[0] <= facts[1] <= len(FACTS):
             raise ValueError(f"data.facts_per_dialogue must be [min, max] with 1 <= min <= max <= {len(FACTS)}, got {facts}")
@@ -145,7 +151,8 @@ class TrainingDialogues:
     def __init__(self, spec: ReactiveDataSpec):
         self.spec = spec
         self.facts = DialogueGenerator(spec.seed, "train", spec.min_turns, spec.max_turns, spec.max_distance,
-                                       tuple(spec.facts_per_dialogue), frames=spec.frames, paraphrases=spec.paraphrases)
+                                       tuple(spec.facts_per_dialogue), fresh_values=spec.fresh_values,
+                                       fresh_words=spec.fresh_words, frames=spec.frames, paraphrases=spec.paraphrases)
         self.chitchat = (DialogueList.read(spec.chitchat_file, spec.chitchat_max_turns, spec.chitchat_max_chars)
                          if spec.chitchat_file else None)
 
