@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rxt.bench.latency import breakeven_turn, token_closed_forms
+from rxt.bench.latency_report import breakeven_turn, token_closed_forms
 from rxt.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
