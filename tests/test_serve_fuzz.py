@@ -77,17 +77,21 @@ def operations(schema: dict) -> list[tuple[str, str, dict]]:
 
 
 @st.composite
-def requests(draw, schema: dict, session_ids: list[str]):
+def requests(draw, schema: dict, session_ids: list[str], response_ids: list[str]):
     chat = ("/v1/chat/completions", "post", schema["paths"]["/v1/chat/completions"]["post"])
     path, method, spec = draw(st.just(chat) | st.sampled_from(operations(schema)))  # about half are turns
     session_id = draw(st.sampled_from(session_ids) | st.text(min_size=1, max_size=30))
+    response_id = draw(st.sampled_from(response_ids) | st.text(min_size=1, max_size=30))
     url = path.replace("{session_id}", quote(session_id, safe="")).replace("{model_id}", quote(session_id, safe=""))
+    url = url.replace("{response_id}", quote(response_id, safe=""))
     content = spec.get("requestBody", {}).get("content", {})
     body: bytes = b""
     if "application/json" in content:
         value = draw(from_schema(content["application/json"]["schema"]))
         if isinstance(value, dict) and draw(st.booleans()):
             value["session_id"] = draw(st.sampled_from(session_ids))
+        if isinstance(value, dict) and "input" in value and draw(st.booleans()):
+            value["previous_response_id"] = response_id
         # (hypothesis leans to small integers: `== N` below marks the rarer branch)
         if isinstance(value, dict) and isinstance(value.get("messages"), list) and draw(st.integers(0, 4)) != 4:
             value["messages"].append({"role": "user", "content": draw(st.text(min_size=1, max_size=40))})
@@ -106,11 +110,13 @@ def test_no_request_drawn_from_the_openapi_schema_gets_a_5xx(client):
     schema = client.get("/openapi.json").json()
     session_id = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
     session_ids = [session_id["session_id"], "no-such-session"]
+    kept = client.post("/v1/responses", json={"input": "Hi", "session_id": session_ids[0]}).json()["id"]
+    response_ids = [kept, kept.replace("resp_", "resp_x"), "resp_no-such-session_0123456789ab"]
     seen: dict[int, int] = {}
 
     @settings(max_examples=120, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(request=requests(schema, session_ids))
+    @given(request=requests(schema, session_ids, response_ids))
     def check(request):
         method, url, body, headers = request
         answer = client.request(method, url, content=body, headers=headers)

@@ -73,6 +73,23 @@ def test_two_replicas_answer_alternate_turns_like_one_process(replicas, model_di
     assert info["turns"] == 6
 
 
+def test_a_response_made_on_one_replica_is_read_continued_and_deleted_on_the_other(replicas, model_dir):
+    turns = queries(9, 2)
+    (expected,), _ = reference_answers(model_dir, [turns])
+    headers = {"Authorization": "Bearer k"}
+    body = {"input": turns[0], "max_output_tokens": MAX_TOKENS}
+    first = httpx.post(f"{replicas[0].url}/v1/responses", json=body, headers=headers, timeout=60).json()
+    path = f"/v1/responses/{first['id']}"
+    assert httpx.get(replicas[1].url + path, headers=headers, timeout=60).json() == first
+    body = {"input": turns[1], "max_output_tokens": MAX_TOKENS, "previous_response_id": first["id"]}
+    second = httpx.post(f"{replicas[1].url}/v1/responses", json=body, headers=headers, timeout=60).json()
+    assert [first["output"][0]["content"][0]["text"], second["output"][0]["content"][0]["text"]] == expected
+    assert httpx.delete(replicas[1].url + path, headers=headers, timeout=60).json()["deleted"] is True
+    assert httpx.get(replicas[0].url + path, headers=headers, timeout=60).status_code == 404
+    second_path = f"{replicas[0].url}/v1/responses/{second['id']}"
+    assert httpx.get(second_path, headers=headers, timeout=60).json() == second
+
+
 def test_redis_restart_is_503_then_nothing_is_lost(replicas, redis_server, model_dir):
     turns = queries(8, 3)
     (expected,), _ = reference_answers(model_dir, [turns])

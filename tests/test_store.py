@@ -9,6 +9,7 @@ import pytest
 
 from rxt.serve.launch import free_port
 from rxt.serve.redis_store import RedisStore, split_prefix
+from rxt.serve.snapshots import Snapshots, snapshot_owner
 from rxt.serve.store import SQLiteStore, StoreUnavailable, VersionConflict, open_store, sqlite_path
 from test_serve_support import RedisProcess, redis_server_binary
 
@@ -105,6 +106,26 @@ def test_leases(store):
     time.sleep(0.35)  # a holder that died: its lease expires
     assert store.acquire_lock("s", "token-c", ttl_s=5)
     assert not store.refresh_lock("s", "token-b", ttl_s=5)
+
+
+def test_response_snapshots_keep_memory_and_object_evict_and_delete(store):
+    snapshots = Snapshots(store, retention=2)
+    ids = [f"resp_s_{i:012d}" for i in range(3)]
+    for i, id_ in enumerate(ids):  # a text with a newline and non-ASCII: the record's JSON line holds it
+        snapshots.add("s", id_, "owner-a", f"state-{i}\n".encode(), {"id": id_, "text": f"line\nzwei {i} é"})
+    assert snapshots.get(ids[0], "owner-a") is None and snapshots.response(ids[0], "owner-a") is None  # evicted
+    assert snapshots.get(ids[1], "owner-a") == b"state-1\n"
+    assert snapshots.response(ids[2], "owner-a") == {"id": ids[2], "text": "line\nzwei 2 é"}
+    assert snapshots.get(ids[1], "owner-b") is None and snapshots.response(ids[1], "owner-b") is None
+    assert not snapshots.delete("s", ids[1], "owner-b") and snapshots.get(ids[1], "owner-a") == b"state-1\n"
+    assert snapshots.delete("s", ids[1], "owner-a") and not snapshots.delete("s", ids[1], "owner-a")
+    assert snapshots.get(ids[1], "owner-a") is None and snapshots.get(ids[2], "owner-a") == b"state-2\n"
+    snapshots.add("s", "resp_s_new", "owner-a", b"state-new", {})  # the deleted one no longer takes a place
+    assert snapshots.get(ids[2], "owner-a") == b"state-2\n" and store.count() == 3  # 2 snapshots, the index
+    store.put("resp_s_old", snapshot_owner("owner-a"), b"raw state")  # kept before response objects were
+    assert snapshots.get("resp_s_old", "owner-a") == b"raw state" and snapshots.response("resp_s_old", "owner-a") is None
+    snapshots.delete_all("s")
+    assert store.count() == 1  # the old-format record was never in the index
 
 
 def test_two_sqlite_handles_on_one_file_share_sessions_and_locks(tmp_path):

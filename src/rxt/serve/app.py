@@ -6,8 +6,8 @@ A stateless model directory (e.g. one from `rxt import gguf`) is served the same
 state is the conversation's history, re-read every turn, or (``--baseline cached``, the default)
 continued from a KV cache this process keeps for its recent sessions.
 
-Endpoints (docs/serving.md): POST /v1/chat/completions (SSE with ``stream: true``), POST /v1/responses
-(previous_response_id continues from any kept turn's memory), GET /v1/models,
+Endpoints (docs/serving.md): POST /v1/chat/completions (SSE with ``stream: true``), /v1/responses
+(previous_response_id continues from any kept turn's memory; retrieve, delete), GET /v1/models,
 /v1/sessions (create, inspect, reset, delete, export and import state), GET /health, GET /metrics.
 """
 
@@ -33,10 +33,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rxt.baselines import MODES, StatelessEngine
 from rxt.engine import AnswerEvent, ChatEngine, ReactiveEngine, TokenEvent
+from rxt.serve import responses as responses_api
 from rxt.serve.auth import ApiKeys
 from rxt.serve.errors import APIError, bad_request, error_body, not_found
 from rxt.serve.metrics import CONTENT_TYPE, ServerMetrics
-from rxt.serve.responses import ResponseRequest, create_response, parse_response_request
 from rxt.serve.schemas import (
     ChatCompletionRequest,
     binary_body,
@@ -275,11 +275,20 @@ def _add_routes(app: FastAPI) -> None:
                           answer.text, finish_reason(answer), turn_usage(turn, answer))
         return JSONResponse(body, headers=headers)
 
-    @app.post("/v1/responses", openapi_extra=json_body(ResponseRequest))
-    async def responses(request: Request) -> Response:
+    @app.post("/v1/responses", openapi_extra=json_body(responses_api.ResponseRequest))
+    async def create_response(request: Request) -> Response:
         started = time.perf_counter()
-        owner, service, parsed = await _parsed(request, parse_response_request)
-        return await create_response(service, owner, parsed, started)
+        owner, service, parsed = await _parsed(request, responses_api.parse_response_request)
+        return await responses_api.create_response(service, owner, parsed, started)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(request: Request, response_id: str, stream: bool = False) -> dict:
+        return await responses_api.retrieve_response(_service(request), _owner(request), response_id, stream)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(request: Request, response_id: str) -> dict:
+        await responses_api.delete_response(_service(request), _owner(request), response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
 
     @app.post("/v1/sessions", status_code=201)
     async def create_session(request: Request) -> JSONResponse:

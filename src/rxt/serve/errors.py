@@ -33,3 +33,8 @@ def not_found(what: str, code: str = "not_found") -> APIError:
 def session_not_found(session_id: str) -> APIError:
     # the same answer whether the session does not exist or belongs to another key: ids do not leak
     return not_found(f"no session {session_id!r}", code="session_not_found")
+
+
+def response_not_found(response_id: str, code: str = "response_not_found") -> APIError:
+    # likewise: never kept, no longer kept, or another key's
+    return not_found(f"no stored response {response_id!r}", code)

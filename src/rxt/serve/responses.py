@@ -8,6 +8,10 @@ from any kept response. Each answered turn keeps a snapshot of its memory (rxt/s
 latest memory, so chat completions with its ``session_id`` go on from there. ``store: false``
 writes nothing: no snapshot, no session, the memory is not changed.
 
+``GET /v1/responses/{id}`` returns a kept response's object as the turn answered it (kept in its
+snapshot's record); ``DELETE`` forgets the response and its memory, nothing else. Both hold the
+session's lock, so they see a turn in flight on the session finished.
+
 Streaming sends the Responses events: response.created, response.in_progress,
 response.output_item.added, response.content_part.added, response.output_text.delta (one per
 piece of text), response.output_text.done, response.content_part.done, response.output_item.done,
@@ -16,6 +20,7 @@ then response.completed (or response.incomplete when max_output_tokens cut the a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
@@ -26,7 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from rxt.engine import AnswerEvent, TokenEvent
-from rxt.serve.errors import APIError, bad_request, not_found
+from rxt.serve.errors import APIError, bad_request, response_not_found
 from rxt.serve.schemas import (
     SESSION_ID_PATTERN,
     ContentPart,
@@ -97,24 +102,63 @@ async def create_response(service: ChatService, owner: str, request: ResponseReq
     if previous is not None:
         root = session_of(previous)
         if root is None:
-            raise not_found(f"no stored response {previous!r}", "previous_response_not_found")
+            raise response_not_found(previous, "previous_response_not_found")
         if session_id is not None and session_id != root:
             raise bad_request("previous_response_id belongs to another session than session_id",
                               "conflicting_session_id", param="session_id")
         session_id = root
     if request.store:
         turn = await service.start_turn(session_id, owner, query, sampling, prompt_tokens, started,
-                                        from_response=previous, keep_snapshot=True)
+                                        from_response=previous)
     else:
         session = await _unstored_start(service, owner, session_id, previous)
         turn = await service.start_unstored_turn(session, query, sampling, prompt_tokens, started)
     meta = _meta(service, request, turn)
+    if request.store:  # no await since start_turn: the turn's task has not reached its answer yet
+        turn.describe = lambda answer: _response(meta, answer.text, answer)
     headers = {"X-Session-Id": turn.session_id} if request.store else {}
     if request.stream:
         return StreamingResponse(_stream(turn, meta), media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache"})
     answer = await turn.answer()
     return JSONResponse(_response(meta, answer.text, answer), headers=headers)
+
+
+async def retrieve_response(service: ChatService, owner: str, response_id_: str, stream: bool) -> dict[str, Any]:
+    """The response object as its turn answered it (after that turn's memory is written)."""
+    if stream:
+        raise bad_request("a kept response is not streamed again: retrieve it without stream", param="stream")
+    async with _session_locked(service, owner, response_id_):
+        body = await service._store(service.snapshots.response, response_id_, owner)
+    if body is None:
+        raise response_not_found(response_id_)
+    return body
+
+
+async def delete_response(service: ChatService, owner: str, response_id_: str) -> None:
+    """Forget a response and its memory; the session and the other responses stay as they are."""
+    async with _session_locked(service, owner, response_id_) as session_id:
+        if not await service._store(service.snapshots.delete, session_id, response_id_, owner):
+            raise response_not_found(response_id_)
+
+
+@contextlib.asynccontextmanager
+async def _session_locked(service: ChatService, owner: str, response_id_: str) -> AsyncIterator[str]:
+    """Hold the lock of the response's session: a turn in flight on it finishes (and keeps its
+    snapshot) first. A session of another key is the same 404 as no session: ids do not leak."""
+    session_id = session_of(response_id_)
+    if session_id is None:
+        raise response_not_found(response_id_)
+    try:
+        lease, _ = await service._acquire(session_id, owner)
+    except APIError as error:
+        if error.code == "session_not_found":
+            raise response_not_found(response_id_) from None
+        raise
+    try:
+        yield session_id
+    finally:
+        await lease.release()
 
 
 async def _unstored_start(service: ChatService, owner: str, session_id: str | None, previous: str | None):

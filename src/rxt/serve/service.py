@@ -29,7 +29,7 @@ from rxt.engine import AnswerEvent, ChatEngine, ReactiveEngine, TokenEvent
 from rxt.generation import SamplingConfig
 from rxt.serve.auth import same_owner
 from rxt.serve.batching import BatchScheduler
-from rxt.serve.errors import APIError, bad_request, not_found, session_not_found
+from rxt.serve.errors import APIError, bad_request, response_not_found, session_not_found
 from rxt.serve.kv_caches import KVCacheKeeper
 from rxt.serve.locks import Lease, SessionLocks
 from rxt.serve.metrics import ServerMetrics
@@ -66,10 +66,12 @@ class ServeSettings:
 class Turn:
     """One answer in flight: the HTTP side reads ``next()`` until an AnswerEvent (or an error)."""
 
-    def __init__(self, session_id: str, prompt_tokens: int, keep_snapshot: bool = False):
+    def __init__(self, session_id: str, prompt_tokens: int):
         self.session_id, self.prompt_tokens = session_id, prompt_tokens
         self.response_id = response_id(session_id)  # the Responses API's name for this turn's memory
-        self.keep_snapshot = keep_snapshot  # keep the memory this turn leaves under response_id
+        # Responses API: when set, the memory this turn leaves is kept under response_id, with the response
+        # object this makes of the answer (set before the turn's task runs: right after start_turn)
+        self.describe: Callable[[AnswerEvent], dict] | None = None
         self.queue: asyncio.Queue[TokenEvent | AnswerEvent | BaseException] = asyncio.Queue()
         self.cancelled = threading.Event()  # the client went away: stop generating, remember nothing
         self.history_reread = False  # a stateless session whose KV cache was not kept: its history is read again
@@ -281,12 +283,10 @@ class ChatService:
                               seed=request.seed), prompt_tokens
 
     async def start_turn(self, session_id: str | None, owner: str, query: str, sampling: SamplingConfig,
-                         prompt_tokens: int, started: float, from_response: str | None = None,
-                         keep_snapshot: bool = False) -> Turn:
+                         prompt_tokens: int, started: float, from_response: str | None = None) -> Turn:
         """Lock and load the session (a new one if ``session_id`` is None) and start answering.
 
-        ``from_response``: start from the memory that response left instead of the session's latest;
-        ``keep_snapshot``: keep the memory this turn leaves as a snapshot (Responses API)."""
+        ``from_response``: start from the memory that response left instead of the session's latest."""
         self._check_room()  # before a new session is stored or a lock waited for
         created = session_id is None
         if created:  # stored first, so the id the client sees at once is valid at once
@@ -297,7 +297,7 @@ class ChatService:
             if created:
                 await self._forget_new(session_id)
             raise
-        turn = Turn(session_id, prompt_tokens, keep_snapshot)
+        turn = Turn(session_id, prompt_tokens)
         try:
             state = stored.state if from_response is None else await self.snapshot(from_response, owner)
             session = self.decode(state)
@@ -322,7 +322,7 @@ class ChatService:
         """The memory a response left (404 if it was not kept, has expired or is another key's)."""
         data = await self._store(self.snapshots.get, response_id_, owner)
         if data is None:
-            raise not_found(f"no stored response {response_id_!r}", "previous_response_not_found")
+            raise response_not_found(response_id_, "previous_response_not_found")
         return data
 
     async def start_unstored_turn(self, session: Session, query: str, sampling: SamplingConfig,
@@ -400,7 +400,7 @@ class ChatService:
                 return
             if self.kv_caches is not None:
                 self.kv_caches.keep(session)
-            await self._remember(turn, session, stored, lease, answered)
+            await self._remember(turn, answer, session, stored, lease, answered)
         except asyncio.CancelledError:  # shutting down
             turn.cancelled.set()
             turn.queue.put_nowait(APIError(503, "the server is shutting down", "shutting_down", "server_error"))
@@ -433,8 +433,8 @@ class ChatService:
             events.close()  # after the AnswerEvent: do not wait for the memory update here
         return None
 
-    async def _remember(self, turn: Turn, session: Session, stored: StoredSession, lease: Lease,
-                        answered: float) -> None:
+    async def _remember(self, turn: Turn, answer: AnswerEvent, session: Session, stored: StoredSession,
+                        lease: Lease, answered: float) -> None:
         """Wait for the memory update and write the new state; retry while the store is down."""
         try:
             await anyio.to_thread.run_sync(session.wait)  # the background memory update
@@ -464,9 +464,10 @@ class ChatService:
         self.metrics.memory_update.observe(time.perf_counter() - answered)
         if lease.lost:
             log.warning("session %s: lock expired during the update, but no one wrote in between", session.id)
-        if turn.keep_snapshot:
+        if turn.describe is not None:
             try:
-                await self._store(self.snapshots.add, session.id, turn.response_id, stored.owner, data)
+                await self._store(self.snapshots.add, session.id, turn.response_id, stored.owner, data,
+                                  turn.describe(answer))
             except (StoreUnavailable, VersionConflict) as error:
                 log.error("the memory snapshot of response %s was not kept: %s", turn.response_id, error)
 
