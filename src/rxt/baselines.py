@@ -21,6 +21,7 @@ from rxt.generation import left_pad
 from rxt.model import StatelessLM, positions_from_mask
 from rxt.session import Session, SessionStateError, TurnStats
 from rxt.tokenizer import Tokenizer
+from rxt.turn_states import TurnStates
 
 MODES = ("full", "cached", "current", "window")
 
@@ -138,7 +139,11 @@ class StatelessEngine(ChatEngine):
         return TurnPlan(ids, mask, positions, step, [len(new)])
 
     def finish(
-        self, sessions: Sequence[Session], interactions: list[list[int]], stats: list[TurnStats]
+        self,
+        sessions: Sequence[Session],
+        interactions: list[list[int]],
+        stats: list[TurnStats],
+        kept: TurnStates | None = None,
     ) -> None:
         for session, interaction, stat in zip(sessions, interactions, stats, strict=True):
             added = torch.tensor(interaction, dtype=torch.long)

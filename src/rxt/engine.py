@@ -26,6 +26,7 @@ from rxt.generation import SamplingConfig, Step, decode_tokens, left_pad
 from rxt.model import ReactiveTransformer, positions_from_mask
 from rxt.session import Session, SessionStateError, TurnStats
 from rxt.tokenizer import Tokenizer
+from rxt.turn_states import StateRecorder, TurnStates, ed_from_generation, write_memory
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class TurnPlan:
     positions: torch.Tensor  # (B, T)
     step: Step
     prompt_tokens: list[int]  # tokens read in the prompt phase, per row
+    recorder: StateRecorder | None = None  # keeps the memory layers' states of the turn, where the model can use them
 
 
 class ChatEngine:
@@ -109,9 +111,14 @@ class ChatEngine:
         raise NotImplementedError
 
     def finish(
-        self, sessions: Sequence[Session], interactions: list[list[int]], stats: list[TurnStats]
+        self,
+        sessions: Sequence[Session],
+        interactions: list[list[int]],
+        stats: list[TurnStats],
+        kept: TurnStates | None = None,
     ) -> None:
-        """Keep the finished turn (history, cache or memory)."""
+        """Keep the finished turn (history, cache or memory); ``kept``: what generation computed of it,
+        where the memory is written from that (rxt.turn_states)."""
         raise NotImplementedError
 
     def state_bytes(self, session: Session) -> int:
@@ -203,10 +210,12 @@ class ChatEngine:
         ]
         if remember:
             prompts = [self.turn_prompt(q) for q in queries]
+            kept = plan.recorder.turn(answers, self.tokenizer.end_id) if plan.recorder is not None else None
             self.finish(
                 sessions,
                 [p + self.tokenizer.close(a) for p, a in zip(prompts, answers, strict=True)],
                 stats,
+                kept,
             )
         for session, answer, stat in zip(sessions, answers, stats, strict=True):
             if remember:
@@ -282,9 +291,15 @@ class ChatEngine:
 
 class ReactiveEngine(ChatEngine):
     """RxT inference: the decoder reads the STM through cross-attention K/V projected once per turn;
-    the memory update (encode + consolidate) runs on a background thread after the answer."""
+    the memory update (encode + consolidate) runs on a background thread after the answer.
+
+    For a model whose memory encoder is its decoder (``ed_from_generation``: ReactivePretrained), the
+    eager path keeps the memory layers' states as it generates and the update runs only the closing
+    tokens generation never ran (rxt.turn_states); ``keep_states=False``, the fast path and turns given
+    to ``observe`` re-run the whole turn instead (the reference)."""
 
     model_type = "rxt"
+    writes_memory = True
 
     def __init__(
         self,
@@ -293,9 +308,11 @@ class ReactiveEngine(ChatEngine):
         device: str | None = None,
         update_delay_s: float = 0.0,
         inference: str = "eager",
+        keep_states: bool = True,
     ):
         super().__init__(model, tokenizer, device, inference)
         self.update_delay_s = update_delay_s  # tests slow the update down on purpose
+        self.keeps_states = keep_states and self.writes_memory and self.fast is None and ed_from_generation(model)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rxt-memory")
         self._lock = threading.Lock()  # one memory update at a time touches the model
 
@@ -354,36 +371,55 @@ class ReactiveEngine(ChatEngine):
         with torch.no_grad():
             memory_kv = self.model.project_memory(stm)  # once per turn, reused by every step
         caches = [KVCache() for _ in self.model.decoder.layers]
+        recorder = StateRecorder(mask, caches, memory_kv) if self.keeps_states and not all_logits else None
 
         def step(tokens: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            return self.model.decode(
-                tokens, memory_kv=memory_kv, key_mask=key_mask, positions=positions, caches=caches
-            )
+            if recorder is None:
+                return self.model.decode(
+                    tokens, memory_kv=memory_kv, key_mask=key_mask, positions=positions, caches=caches
+                )
+            hidden, states = self.model.run(tokens, memory_kv, positions, key_mask, caches)
+            recorder.add(states)
+            return self.model.logits(hidden)
 
-        return TurnPlan(ids, mask, positions, step, [len(p) for p in prompts])
+        return TurnPlan(ids, mask, positions, step, [len(p) for p in prompts], recorder)
 
     def finish(
-        self, sessions: Sequence[Session], interactions: list[list[int]], stats: list[TurnStats]
+        self,
+        sessions: Sequence[Session],
+        interactions: list[list[int]],
+        stats: list[TurnStats],
+        kept: TurnStates | None = None,
     ) -> None:
         for session, interaction, stat in zip(sessions, interactions, stats, strict=True):
             session.turns += 1
-            stat.tokens_processed += len(interaction)  # the memory encoder reads the whole interaction
+            if kept is None:
+                stat.tokens_processed += len(interaction)  # the memory encoder reads the whole interaction
+            else:  # generation ran the turn's first tokens, the update the rest: each token once
+                stat.tokens_processed = len(interaction)
             stat.state_bytes = session.state_bytes()
-        future = self._worker.submit(self.run_memory_update, list(sessions), interactions, stats)
+        future = self._worker.submit(self.run_memory_update, list(sessions), interactions, stats, kept)
         for session in sessions:
             session.pending = future
 
     def run_memory_update(
-        self, sessions: list[Session], interactions: list[list[int]], stats: list[TurnStats]
+        self,
+        sessions: list[Session],
+        interactions: list[list[int]],
+        stats: list[TurnStats],
+        kept: TurnStates | None = None,
     ) -> None:
-        """Steps 2-3 of the turn cycle, batched: encode concat(X_t, Y_t), consolidate into STM."""
+        """Steps 2-3 of the turn cycle, batched: encode concat(X_t, Y_t) (or finish generation's kept
+        states of it), consolidate into STM."""
         start = time.perf_counter()
         if self.update_delay_s:
             time.sleep(self.update_delay_s)
-        ids, mask = left_pad(interactions, self.tokenizer.pad_id, self.device)
         with self._lock, torch.no_grad():  # grad mode is per thread
             stm = torch.cat([s.tensors["stm"] for s in sessions], dim=1)
-            new_stm = self.model.update_memory(stm, ids, mask)
+            if kept is None:
+                new_stm = self.model.update_memory(stm, *left_pad(interactions, self.tokenizer.pad_id, self.device))
+            else:
+                new_stm, _ = write_memory(self.model, stm, kept, interactions, self.tokenizer.pad_id)
             for row, session in enumerate(sessions):
                 session.tensors = {**session.tensors, "stm": new_stm[:, row : row + 1].clone()}
             self._keep_memory_kv(sessions, new_stm)
@@ -406,9 +442,14 @@ class NoMemoryEngine(ReactiveEngine):
     preamble); nothing is encoded, so a turn costs its prompt and answer only."""
 
     model_type = "rxt-no-memory"
+    writes_memory = False
 
     def finish(
-        self, sessions: Sequence[Session], interactions: list[list[int]], stats: list[TurnStats]
+        self,
+        sessions: Sequence[Session],
+        interactions: list[list[int]],
+        stats: list[TurnStats],
+        kept: TurnStates | None = None,
     ) -> None:
         for session, stat in zip(sessions, stats, strict=True):
             session.turns += 1

@@ -192,6 +192,7 @@ class ReactiveTransformer(DecoderLM):
 
     model_type = "rxt"
     use_memory = True
+    ed_from_generation = False  # ED_t comes from a separate bidirectional encoder: a pass of its own
 
     def build_memory_system(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
         self.encoder = Encoder(config, rotary)

@@ -101,6 +101,9 @@ class ReactivePretrained(nn.Module):
     """
 
     model_type = "rxt-pretrained"
+    # ED_t are the decoder's own states over the turn: generation computes them, and ReactiveEngine writes
+    # the memory from the ones it kept (rxt.turn_states) instead of re-running the turn
+    ed_from_generation = True
 
     def __init__(self, base: StatelessLM, config: ReactiveConfig | None = None, base_sha256: str = ""):
         super().__init__()
@@ -161,6 +164,14 @@ class ReactivePretrained(nn.Module):
     def decoder(self) -> nn.Module:
         return self.base.decoder
 
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.base.embedding
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The base's tied output head: (B, T, D) normed states -> (B, T, V)."""
+        return self.base.logits(hidden)
+
     # -- the turn cycle ------------------------------------------------------------------------------
     def initial_memory(self, batch_size: int = 1) -> torch.Tensor:
         """STM_0: (L_mem, B, S, D), one layer per memory layer."""
@@ -206,7 +217,7 @@ class ReactivePretrained(nn.Module):
             if stm is None:
                 raise ValueError("decode needs the memory: pass stm or memory_kv")
             memory_kv = self.project_memory(stm)
-        return self.base.logits(self.run(input_ids, memory_kv, **kwargs)[0])
+        return self.logits(self.run(input_ids, memory_kv, **kwargs)[0])
 
     def read_turn(
         self, input_ids: torch.Tensor, stm: torch.Tensor, key_mask: torch.Tensor | None = None
@@ -214,7 +225,7 @@ class ReactivePretrained(nn.Module):
         """One teacher-forced pass over a whole interaction: its logits (B, T, V) and its ED."""
         positions = positions_from_mask(key_mask) if key_mask is not None else None
         hidden, encoded = self.run(input_ids, self.project_memory(stm), positions, key_mask)
-        return self.base.logits(hidden), encoded
+        return self.logits(hidden), encoded
 
     def encode(
         self, input_ids: torch.Tensor, stm: torch.Tensor, key_mask: torch.Tensor | None = None
@@ -241,7 +252,9 @@ class ReactivePretrained(nn.Module):
     def update_memory(
         self, stm: torch.Tensor, interaction_ids: torch.Tensor, key_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Steps 2-3 of the turn cycle (what ReactiveEngine runs in the background)."""
+        """Steps 2-3 of the turn cycle by a second pass over the turn: the reference for what ReactiveEngine
+        writes from the states generation kept (rxt.turn_states.write_memory), and its path for turns it
+        did not generate (``observe``)."""
         encoded = self.encode(interaction_ids, stm, key_mask)
         return self.consolidate(stm, encoded, self.turn_mask(interaction_ids, key_mask))
 

@@ -12,7 +12,9 @@ One scheduler thread owns a running batch. Each loop:
     step   one batched decode step for the rows that remain
 
 An RxT session's whole state is its fixed-size STM, so a row is just a prompt, the memory K/V the
-decoder reads (projected once per turn) and a KV cache that lives only for the turn.
+decoder reads (projected once per turn) and a KV cache that lives only for the turn. For a model whose
+memory encoder is its decoder (ReactivePretrained), each row also keeps the memory layers' states of the
+tokens it ran, and a finished row hands them with its cache to the memory update (rxt.turn_states).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from rxt.generation import SamplingConfig, left_pad, sample_next
 from rxt.model import positions_from_mask
 from rxt.serve.metrics import ServerMetrics
 from rxt.session import Session
+from rxt.turn_states import MemoryKV, TurnStates
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ class Row:
     joined: float = 0.0
     first_token_s: float | None = None
     generator: torch.Generator | None = None
+    states: list[list[torch.Tensor]] = field(default_factory=list)  # per memory layer: (T, D) pieces of the
+    # states of the turn's tokens run so far (engines that keep them)
 
     def ended(self, end_id: int) -> bool:
         return bool(self.answer) and (self.answer[-1] == end_id or len(self.answer) >= self.sampling.max_new_tokens)
@@ -96,7 +101,7 @@ class RunningBatch:
     def __init__(self) -> None:
         self.rows: list[Row] = []
         self.caches: list[KVCache] = []
-        self.memory_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.memory_kv: MemoryKV = []  # per decoder layer, None where it reads no memory
         self.key_mask: torch.Tensor | None = None  # (B, S) over cached tokens
         self.next_position: torch.Tensor | None = None  # (B,)
         self.logits: torch.Tensor | None = None  # (B, V): what the next token is sampled from
@@ -113,8 +118,8 @@ class RunningBatch:
         for mine, theirs in zip(self.caches, other.caches, strict=True):
             mine.k = torch.cat([_pad_left(mine.k, width, 2), _pad_left(theirs.k, width, 2)])
             mine.v = torch.cat([_pad_left(mine.v, width, 2), _pad_left(theirs.v, width, 2)])
-        self.memory_kv = [(torch.cat([k, k2]), torch.cat([v, v2]))
-                          for (k, v), (k2, v2) in zip(self.memory_kv, other.memory_kv, strict=True)]
+        self.memory_kv = [None if mine is None else (torch.cat([mine[0], theirs[0]]), torch.cat([mine[1], theirs[1]]))
+                          for mine, theirs in zip(self.memory_kv, other.memory_kv, strict=True)]
         self.key_mask = torch.cat([_pad_left(self.key_mask, width, 1), _pad_left(other.key_mask, width, 1)])
         self.next_position = torch.cat([self.next_position, other.next_position])
         self.logits = torch.cat([self.logits, other.logits])
@@ -133,9 +138,20 @@ class RunningBatch:
         first = int(used[0]) if len(used) else self.key_mask.shape[1]
         for cache in self.caches:
             cache.k, cache.v = cache.k[index, :, first:], cache.v[index, :, first:]
-        self.memory_kv = [(k[index], v[index]) for k, v in self.memory_kv]
+        self.memory_kv = _memory_rows(self.memory_kv, index)
         self.key_mask = self.key_mask[index, first:]
         self.next_position, self.logits = self.next_position[index], self.logits[index]
+
+    def turn_states(self, indices: list[int]) -> TurnStates:
+        """What the memory update needs of these rows: their kept states, cache, key mask and memory K/V."""
+        index = torch.tensor(indices, device=self.key_mask.device)
+        caches = [KVCache(cache.k[index], cache.v[index]) for cache in self.caches]
+        states = [[torch.cat(pieces) for pieces in self.rows[i].states] for i in indices]
+        return TurnStates(states, caches, self.key_mask[index], _memory_rows(self.memory_kv, index))
+
+
+def _memory_rows(memory_kv: MemoryKV, index: torch.Tensor) -> MemoryKV:
+    return [None if kv is None else (kv[0][index], kv[1][index]) for kv in memory_kv]
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -225,10 +241,8 @@ class BatchScheduler:
         joining = RunningBatch()
         joining.rows, joining.caches = rows, [KVCache() for _ in self.engine.model.decoder.layers]
         joining.memory_kv = self.engine.model.project_memory(stm)
-        model = self.engine.model
-        hidden = model.decoder(model.embedding(ids), memory_kv=joining.memory_kv, key_mask=mask, positions=positions,
-                               caches=joining.caches)  # (B, T, D)
-        joining.logits = model.logits(hidden[:, -1])  # only the last position predicts the first token
+        hidden = self._forward(joining, ids, mask, positions)  # (B, T, D)
+        joining.logits = self.engine.model.logits(hidden[:, -1])  # only the last position predicts the first token
         joining.key_mask, joining.next_position = mask, positions[:, -1] + 1
         now = time.perf_counter()
         for row in rows:
@@ -248,14 +262,30 @@ class BatchScheduler:
             row.answer.append(token)
             self._stream(row)
             (finished if row.ended(self.end_id) else staying).append(index)
-        self._finish([batch.rows[i] for i in finished])
+        kept = batch.turn_states(finished) if finished and self.engine.keeps_states else None
+        self._finish([batch.rows[i] for i in finished], kept)
         batch.keep(staying)
         if batch.rows:
             batch.key_mask = torch.cat([batch.key_mask, torch.ones_like(batch.key_mask[:, :1])], dim=1)
             step_tokens = tokens[torch.tensor(staying, device=tokens.device)][:, None]  # (B, 1)
-            logits = self.engine.model.decode(step_tokens, memory_kv=batch.memory_kv, key_mask=batch.key_mask,
-                                              positions=batch.next_position[:, None], caches=batch.caches)
-            batch.logits, batch.next_position = logits[:, -1], batch.next_position + 1
+            hidden = self._forward(batch, step_tokens, batch.key_mask, batch.next_position[:, None])
+            batch.logits, batch.next_position = self.engine.model.logits(hidden[:, -1]), batch.next_position + 1
+
+    def _forward(self, batch: RunningBatch, tokens: torch.Tensor, key_mask: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+        """The decoder over the rows' new tokens (B, T): normed states (B, T, D). Where the engine keeps
+        the memory layers' states, each row keeps those of its real tokens."""
+        model = self.engine.model
+        if not self.engine.keeps_states:
+            return model.decoder(model.embedding(tokens), positions, key_mask, batch.memory_kv, batch.caches)
+        hidden, states = model.run(tokens, batch.memory_kv, positions, key_mask, batch.caches)
+        real = key_mask[:, -tokens.shape[1]:]
+        for r, row in enumerate(batch.rows):
+            if not row.states:
+                row.states = [[] for _ in states]
+            for pieces, layer in zip(row.states, states, strict=True):
+                pieces.append(layer[r, real[r]])
+        return hidden
 
     def _sample(self, batch: RunningBatch) -> torch.Tensor:
         """Greedy rows share one argmax; a row with its own sampling settings is sampled alone."""
@@ -282,13 +312,13 @@ class BatchScheduler:
             return True
         return False
 
-    def _finish(self, rows: list[Row]) -> None:
+    def _finish(self, rows: list[Row], kept: TurnStates | None = None) -> None:
         """Answers complete: one batched memory update for all of them (background), then the events."""
         if not rows:
             return
         engine, tokenizer, now = self.engine, self.engine.tokenizer, time.perf_counter()
         stats = [engine._stats(r.session, len(r.prompt), r.answer, r.first_token_s, now - r.joined) for r in rows]
-        engine.finish([r.session for r in rows], [r.prompt + tokenizer.close(r.answer) for r in rows], stats)
+        engine.finish([r.session for r in rows], [r.prompt + tokenizer.close(r.answer) for r in rows], stats, kept)
         for row, stat in zip(rows, stats, strict=True):
             row.session.stats.append(stat)
             ids = [t for t in row.answer if t != self.end_id]
