@@ -109,7 +109,7 @@ def _run_batch(name: str, engine: ChatEngine, batch: Sequence[Dialogue], report:
         active = [(s, d.turns[t]) for s, d in zip(sessions, batch, strict=True) if t < len(d.turns)]
         live = [s for s, _ in active]
         queries, answers = [x.query for _, x in active], [x.answer for _, x in active]
-        read = tokens_read(engine, live, queries, answers)  # RxT: the memory encoder reads each turn once more
+        read = tokens_read(engine, live, queries, answers)  # RxT: + its encoder reading each turn (see tokens_read)
         for (nll, count), tokens in zip(engine.score(live, queries, answers), read, strict=True):
             report.nll[name][t + 1] += nll
             report.count[name][t + 1] += count

@@ -240,11 +240,14 @@ def prompt_tokens(engine: ChatEngine, sessions, queries) -> list[int]:
 
 def tokens_read(engine: ChatEngine, sessions, queries, answers) -> list[int]:
     """Tokens processed for one turn of each session, ``answers`` being the ones the history keeps: the
-    prompt with its history, the answer, and for RxT the memory encoder's reading of the interaction."""
+    prompt with its history, the answer and its closing, and for RxT the memory encoder's reading of the
+    interaction, unless the memory is written from the states generation computed (``keeps_states``:
+    then the update runs only the closing, which ``answered`` counts already)."""
     tokens, tok = [], engine.tokenizer
+    rereads = engine.model_type == "rxt" and not getattr(engine, "keeps_states", False)
     for read, query, answer in zip(prompt_tokens(engine, sessions, queries), queries, answers, strict=True):
         answered = len(tok.answer(answer)) + len(tok.closing())
-        encoded = len(engine.turn_prompt(query)) + answered if engine.model_type == "rxt" else 0
+        encoded = len(engine.turn_prompt(query)) + answered if rereads else 0
         tokens.append(read + answered + encoded)
     return tokens
 
