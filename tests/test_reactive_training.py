@@ -47,9 +47,10 @@ def recipe(tmp_path: Path, base_dir: Path, steps: int = 4) -> ReactiveRecipe:
     return ReactiveRecipe(base=str(base_dir), reactive=REACTIVE, data=data, train=train, checkpoint_every=2).validate()
 
 
-def test_a_batch_of_dialogues_of_different_lengths_scores_as_each_alone(chat_base):
+@pytest.mark.parametrize("ed_embeddings", [False, True], ids=["states", "states+embeddings"])
+def test_a_batch_of_dialogues_of_different_lengths_scores_as_each_alone(chat_base, ed_embeddings):
     torch.manual_seed(0)
-    model = ReactivePretrained(copy.deepcopy(chat_base), REACTIVE)
+    model = ReactivePretrained(copy.deepcopy(chat_base), dataclasses.replace(REACTIVE, ed_embeddings=ed_embeddings))
     with torch.no_grad():  # a memory that is read, so the padding and dropped rows would show
         for i in REACTIVE.memory_layers:
             model.decoder.layers[i].memory_cross_attention.o_proj.weight.normal_(0.0, 0.2)

@@ -8,6 +8,7 @@ Measured on these tiny fp32 models: max |difference| 3.7e-9 to 4.7e-9 (the toler
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -21,7 +22,7 @@ from rxt.serve.batching import BatchScheduler
 from rxt.serve.metrics import ServerMetrics
 from rxt.serve.service import Turn
 from rxt.turn_states import write_memory
-from test_reactive_pretrained import reactive
+from test_reactive_pretrained import REACTIVE, reactive
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -180,4 +181,33 @@ def test_the_serving_batcher_writes_the_memory_from_its_rows_states(model):
     interactions = [interaction(engine, m, a.token_ids) for m, a in zip(MESSAGES, answers, strict=True)]
     torch.testing.assert_close(stm_of(sessions), reference(engine, before, interactions), **TOL)
     assert [a.stats.tokens_processed for a in answers] == [len(i) for i in interactions]
+    engine.close()
+
+
+def test_the_memory_written_from_token_embeddings_too(chat_base):
+    """``ed_embeddings``: each layer's ED is the turn's states followed by its token embeddings. The
+    memory then differs from the states-only write of the same weights, the kept-states path still
+    equals the second pass, and a write without the token ids is refused."""
+    models = {}
+    for flag in (False, True):
+        models[flag] = reactive(chat_base, dataclasses.replace(REACTIVE, ed_embeddings=flag))
+        with torch.no_grad():
+            for i in models[flag].reactive.memory_layers:
+                models[flag].decoder.layers[i].memory_cross_attention.o_proj.weight.normal_(0.0, 0.2)
+    assert models[True].adapter_state_dict().keys() == models[False].adapter_state_dict().keys()
+    models[True].load_state_dict(models[False].state_dict())
+    engine = ReactiveEngine(models[True])
+    session = engine.new_session()
+    for message in MESSAGES[:2]:
+        before = stm_of([session])
+        answer = engine.interact(session, message, SamplingConfig(max_new_tokens=5))
+        turn = interaction(engine, message, answer.token_ids)
+        torch.testing.assert_close(stm_of([session]), reference(engine, before, [turn]), **TOL)
+        states_only = ReactiveEngine(models[False])
+        assert not torch.allclose(stm_of([session]), reference(states_only, before, [turn]), atol=1e-4)
+        states_only.close()
+    ids = torch.tensor([turn])
+    encoded = models[True].encode(ids, before)
+    with pytest.raises(ValueError, match="input_ids"):
+        models[True].consolidate(before, encoded, models[True].turn_mask(ids))
     engine.close()

@@ -98,7 +98,7 @@ def write_memory(
             for r in range(len(tails))]
     ids, mask = left_pad(interactions, pad_id, stm.device)
     encoded = [_left_pad_rows([row[i] for row in rows], ids.shape[1]) for i in range(n_layers)]
-    return model.consolidate(stm, encoded, model.turn_mask(ids, mask)), [len(t) for t in tails]
+    return model.consolidate(stm, encoded, model.turn_mask(ids, mask), ids), [len(t) for t in tails]
 
 
 def _left_pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:

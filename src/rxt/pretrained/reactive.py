@@ -61,6 +61,10 @@ class ReactiveConfig:
     write_slots: int = 8  # stm_slots / write_slots = 8 turns kept
     gate_mode: str = "elementwise"  # for memory_write "attention" / "competitive"
     stm_init_std: float = 0.02
+    # the memory is also written from the turn's own token embeddings (beside the decoder's states, as
+    # further ED positions): a told word's identity is there verbatim, where the later layers' states
+    # mostly hold predictions of the next token
+    ed_embeddings: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -236,9 +240,22 @@ class ReactivePretrained(nn.Module):
         return self.run(input_ids, self.project_memory(stm), positions, key_mask)[1]
 
     def consolidate(
-        self, stm: torch.Tensor, encoded: list[torch.Tensor], ed_mask: torch.Tensor | None = None
+        self,
+        stm: torch.Tensor,
+        encoded: list[torch.Tensor],
+        ed_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """STM_t = MemoryAttention(STM_{t-1}, ED_t): (L_mem, B, S, D)."""
+        """STM_t = MemoryAttention(STM_{t-1}, ED_t): (L_mem, B, S, D). With ``ed_embeddings`` the turn's
+        token embeddings (``input_ids``, (B, T)) follow its states in every layer's ED, under the same mask."""
+        if self.reactive.ed_embeddings:
+            if input_ids is None:
+                raise ValueError("this model writes its memory from the turn's token embeddings too: pass input_ids")
+            tokens = self.base.embedding(input_ids)
+            encoded = [torch.cat([states, tokens], dim=1) for states in encoded]
+            if ed_mask is None:
+                ed_mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+            ed_mask = torch.cat([ed_mask, ed_mask], dim=1)
         return self.memory_attention(stm, encoded, ed_mask)
 
     def turn_mask(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -256,7 +273,7 @@ class ReactivePretrained(nn.Module):
         writes from the states generation kept (rxt.turn_states.write_memory), and its path for turns it
         did not generate (``observe``)."""
         encoded = self.encode(interaction_ids, stm, key_mask)
-        return self.consolidate(stm, encoded, self.turn_mask(interaction_ids, key_mask))
+        return self.consolidate(stm, encoded, self.turn_mask(interaction_ids, key_mask), interaction_ids)
 
     def interaction(self, query: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One turn as ReactiveEngine feeds it (the template's preamble, the prompt, the answer, the
@@ -390,7 +407,7 @@ def dialogue_loss(
     for input_ids, answer_mask in turns:
         logits, encoded = model.read_turn(input_ids, stm)
         losses.append(answer_loss(logits, input_ids, answer_mask))
-        stm = model.consolidate(stm, encoded, model.turn_mask(input_ids))
+        stm = model.consolidate(stm, encoded, model.turn_mask(input_ids), input_ids)
         if detach_memory:
             stm = stm.detach()
     return torch.stack(losses).mean()

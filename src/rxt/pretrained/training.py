@@ -202,7 +202,7 @@ def memory_aware_loss(model: ReactivePretrained, turns: list[dict[str, torch.Ten
         stm = stm[:, :rows]  # dialogues that ended dropped out of the batch (the last rows)
         logits, encoded, written = _read(model, turn, stm)
         total = total + (answer_token_losses(logits, turn["ids"], turn["answer"]) * turn["weights"][:, 1:]).sum()
-        stm = model.consolidate(stm, encoded, written)
+        stm = model.consolidate(stm, encoded, written, turn["ids"])
     return total, {}
 
 
@@ -221,8 +221,9 @@ def memory_control(model: ReactivePretrained, dialogues: list[Dialogue]) -> dict
         stm, seen = model.initial_memory(1).to(device), []
         for turn in turns:
             seen.append(stm)
-            _, encoded, written = _read(model, {k: v.to(device) for k, v in turn.items()}, stm)
-            stm = model.consolidate(stm, encoded, written)
+            turn = {k: v.to(device) for k, v in turn.items()}
+            _, encoded, written = _read(model, turn, stm)
+            stm = model.consolidate(stm, encoded, written, turn["ids"])
         memories.append(seen)
     scores: dict[str, list[tuple[float, bool]]] = {"own": [], "other": [], "wiped": []}
     for n, (dialogue, turns) in enumerate(zip(dialogues, batches, strict=True)):
