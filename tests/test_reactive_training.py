@@ -144,6 +144,25 @@ def test_a_run_resumed_from_a_checkpoint_ends_with_the_same_adapter(tmp_path, ch
     assert loaded.reactive == REACTIVE
 
 
+def test_a_run_starts_from_an_earlier_stages_adapter(tmp_path, chat_base):
+    """init_from: the next stage of a curriculum starts from the adapter an earlier run saved (bf16, as
+    stored), not from a fresh one; an adapter of another reactive config, or no adapter, is refused."""
+    base_dir = chat_base.save_pretrained(tmp_path / "base")
+    ReactiveRun(recipe(tmp_path, base_dir), tmp_path / "first", progress=False).run()
+    saved = adapter(tmp_path / "first")
+    stage = dataclasses.replace(recipe(tmp_path, base_dir), init_from=str(tmp_path / "first" / "adapter"))
+    start = ReactiveRun(stage, tmp_path / "second", progress=False).build_model().adapter_state_dict()
+    assert start.keys() == saved.keys()
+    assert all(torch.equal(start[k].to(saved[k].dtype), saved[k]) for k in saved)
+    fresh = ReactiveRun(recipe(tmp_path, base_dir), tmp_path / "fresh", progress=False).build_model()
+    assert any(not torch.equal(start[k], v) for k, v in fresh.adapter_state_dict().items())
+    other = dataclasses.replace(stage, reactive=dataclasses.replace(REACTIVE, write_slots=4))
+    with pytest.raises(ValueError, match="write_slots"):
+        ReactiveRun(other, tmp_path / "other", progress=False).build_model()
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        dataclasses.replace(stage, init_from=str(tmp_path / "nowhere")).validate()
+
+
 def test_a_checkpoint_of_another_model_is_refused(tmp_path, chat_base):
     base_dir = chat_base.save_pretrained(tmp_path / "base")
     run = ReactiveRun(recipe(tmp_path, base_dir), tmp_path / "out", progress=False)

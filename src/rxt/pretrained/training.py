@@ -82,6 +82,9 @@ class ReactiveRecipe:
     reactive: ReactiveConfig = field(default_factory=ReactiveConfig)
     data: ReactiveDataSpec = field(default_factory=ReactiveDataSpec)
     train: StageSpec = field(default_factory=StageSpec)
+    # an adapter directory (an earlier stage's DIR/adapter) this run starts from instead of a fresh adapter:
+    # a curriculum's next stage. Its reactive config must be this recipe's.
+    init_from: str = ""
 
     def validate(self) -> ReactiveRecipe:
         if self.kind != KIND:
@@ -89,6 +92,9 @@ class ReactiveRecipe:
         if not self.base or not (Path(self.base) / "config.json").is_file():
             raise FileNotFoundError(f"base: {self.base!r} is not a model directory "
                                     f"(make one with `rxt import gguf FILE --out DIR`)")
+        if self.init_from and not (Path(self.init_from) / "adapter.json").is_file():
+            raise FileNotFoundError(f"init_from: {self.init_from!r} is not an adapter directory (no adapter.json); "
+                                    f"it is an earlier run's DIR/adapter")
         d, t = self.data, self.train
         for key in ("fact_share", "frames", "paraphrases", "fresh_values"):
             if not 0.0 <= getattr(d, key) <= 1.0:
@@ -275,7 +281,15 @@ class ReactiveRun:
 
     def build_model(self) -> ReactivePretrained:
         torch.manual_seed(self.recipe.seed)
-        return ReactivePretrained.from_base(self.recipe.base, self.recipe.reactive).to(self.device)
+        if not self.recipe.init_from:
+            return ReactivePretrained.from_base(self.recipe.base, self.recipe.reactive).to(self.device)
+        model = ReactivePretrained.from_pretrained(self.recipe.init_from, self.recipe.base, self.device)
+        if model.reactive != self.recipe.reactive:
+            ours, theirs = self.recipe.reactive.to_dict(), model.reactive.to_dict()
+            differ = {k: (theirs[k], ours[k]) for k in ours if ours[k] != theirs[k]}
+            raise ValueError(f"init_from {self.recipe.init_from}: its reactive config differs from the recipe's "
+                             f"(key: (adapter, recipe)): {differ}")
+        return model.train()
 
     def trainer(self, model: ReactivePretrained) -> Trainer:
         spec, recipe = self.recipe.train, self.recipe
