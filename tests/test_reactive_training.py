@@ -79,6 +79,8 @@ def test_before_training_own_other_and_wiped_memory_score_alike(chat_base):
                                                                             max_distance=3, heldout_dialogues=3)))
     assert control["recall_questions"] > 0
     assert control["recall_loss_own"] == control["recall_loss_other"] == control["recall_loss_wiped"]
+    assert control["recall_tokens_own"] == control["recall_tokens_other"] == control["recall_tokens_wiped"]
+    assert 0.0 <= control["recall_tokens_own"] <= 1.0
 
 
 def test_training_mixes_fact_dialogues_and_chitchat_by_index_alone(tmp_path, chat_base):

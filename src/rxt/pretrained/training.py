@@ -217,7 +217,8 @@ def memory_control(model: ReactivePretrained, dialogues: list[Dialogue]) -> dict
     """Held-out recall answers scored reading their own dialogue's memory, another dialogue's memory of
     the same age (the next dialogue's, after as many turns: full, but the wrong facts) and STM_0.
     ``recall_loss_*``: mean answer loss; ``recall_exact_*``: share of answers whose every token is the
-    model's top-1 given the right tokens before it."""
+    model's top-1 given the right tokens before it; ``recall_tokens_*``: share of answer tokens that are the
+    top-1 (the answers' wording is much alike, so own against other in it is mostly the values' tokens)."""
     was_training = model.training
     model.eval()
     device, tok = _device(model), model.tokenizer
@@ -231,7 +232,7 @@ def memory_control(model: ReactivePretrained, dialogues: list[Dialogue]) -> dict
             _, encoded, written = _read(model, turn, stm)
             stm = model.consolidate(stm, encoded, written, turn["ids"])
         memories.append(seen)
-    scores: dict[str, list[tuple[float, bool]]] = {"own": [], "other": [], "wiped": []}
+    scores: dict[str, list[tuple[float, bool, int, int]]] = {"own": [], "other": [], "wiped": []}
     for n, (dialogue, turns) in enumerate(zip(dialogues, batches, strict=True)):
         other = memories[(n + 1) % len(dialogues)]
         for t, turn in enumerate(dialogue.turns):
@@ -243,13 +244,15 @@ def memory_control(model: ReactivePretrained, dialogues: list[Dialogue]) -> dict
                 logits = _read(model, data, stm)[0]
                 losses = answer_token_losses(logits, data["ids"], data["answer"])
                 on_answer = data["answer"][:, 1:]
-                right = (logits[:, :-1].argmax(-1) == data["ids"][:, 1:])[on_answer].all()
-                scores[name].append((float(losses.sum() / on_answer.sum()), bool(right)))
+                right = (logits[:, :-1].argmax(-1) == data["ids"][:, 1:])[on_answer]
+                scores[name].append((float(losses.sum() / on_answer.sum()), bool(right.all()),
+                                     int(right.sum()), right.numel()))
     model.train(was_training)
     out = {}
     for name, rows in scores.items():
         out[f"recall_loss_{name}"] = round(sum(r[0] for r in rows) / max(1, len(rows)), 4)
         out[f"recall_exact_{name}"] = round(sum(r[1] for r in rows) / max(1, len(rows)), 4)
+        out[f"recall_tokens_{name}"] = round(sum(r[2] for r in rows) / max(1, sum(r[3] for r in rows)), 4)
     out["recall_questions"] = len(scores["own"])
     return out
 
