@@ -269,3 +269,27 @@ def test_smollm2_reactive_logits_equal_the_base_and_the_adapter_is_small(smollm2
             assert ours.token_ids == stateless.interact(base_session, prompt, SamplingConfig(max_new_tokens=8)).token_ids
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+def test_smollm2_with_lora_is_exactly_the_base_and_its_adapter_under_20_mb(smollm2_dir, tmp_path):
+    """LoRA rank 8 on the self-attention's q and v projections of all 30 layers: 460,800 more adapter
+    weights, the logits still the base's bit for bit, the bf16 adapter still under the 20 MB budget."""
+    base = StatelessLM.from_pretrained(smollm2_dir)
+    model = ReactivePretrained.from_base(smollm2_dir, ReactiveConfig(lora_rank=8))
+    c = base.config
+    d_head = c.d_model // c.n_heads
+    per_layer = 8 * (c.d_model + c.n_q_heads * d_head) + 8 * (c.d_model + c.n_kv_heads * d_head)  # A + B of q, v
+    lora = sum(p.numel() for name, p in model.named_parameters() if ".lora_" in name)
+    assert lora == c.n_layers * per_layer == 460_800
+    tok = base.tokenizer
+    prompts = ["What is the capital of France?", "My name is Ada and my cat is called Bo."]
+    with torch.no_grad():
+        ids, mask = left_pad([tok.prompt(p) for p in prompts], tok.pad_id, torch.device("cpu"))
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        stm = model.update_memory(model.initial_memory(2), *batch(tok, prompts))
+        want = base.decode(ids, key_mask=mask, positions=positions)
+        assert torch.equal(model.decode(ids, stm=stm, key_mask=mask, positions=positions), want)
+    adapter = model.save_adapter(tmp_path / "adapter")
+    assert (adapter / "adapter.safetensors").stat().st_size <= 20 * 10**6
+    assert json.loads((adapter / "adapter.json").read_text())["parameters"] == 9_279_360 + lora

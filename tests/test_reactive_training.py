@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from rxt.data.dialogues import HELDOUT_WORDS, POOLS, Dialogue, Turn
@@ -189,4 +190,31 @@ def test_bad_recipes_are_refused(tmp_path, chat_base):
     path.write_text(f"kind: reactive-pretrained\nbase: {base_dir}\ndata: {{fact_share: 1.0}}\ntrain: {{steps: 2}}\n"
                     "reactive: {memory_layer: [1]}\n")
     with pytest.raises(ValueError, match="unknown keys \\['memory_layer'\\]"):
+        load_reactive_recipe(path)
+
+
+def test_a_recipe_turns_lora_on_and_the_run_trains_it(tmp_path, chat_base):
+    """`reactive: {lora_rank: ...}` in a recipe: the run trains the LoRA weights with the memory path, saves
+    them in the adapter (none of the base's weights), and the adapter loads back with LoRA on."""
+    base_dir = chat_base.save_pretrained(tmp_path / "base")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "kind": "reactive-pretrained", "base": str(base_dir), "data": {"fact_share": 1.0, "heldout_dialogues": 2},
+        "train": {"steps": 2, "batch_size": 1, "lr": 1e-2, "warmup_steps": 1, "eval_every": 2},
+        "reactive": {**{k: v for k, v in REACTIVE.to_dict().items() if not k.startswith("lora_")},
+                     "lora_rank": 2, "lora_alpha": 4, "lora_targets": ["v_proj", "up"], "lora_layers": [0, 2]},
+    }))
+    plan = load_reactive_recipe(path)
+    assert (plan.reactive.lora_rank, plan.reactive.lora_alpha, plan.reactive.lora_layers) == (2, 4.0, [0, 2])
+    ReactiveRun(plan, tmp_path / "run", progress=False).run()
+    saved = adapter(tmp_path / "run")
+    lora = sorted(k for k in saved if ".lora_" in k)
+    assert lora == sorted(f"base.decoder.layers.{i}.{block}.lora_{ab}" for i in (0, 2)
+                          for block in ("self_attention.v_proj", "ffn.up") for ab in "ab")
+    assert all(saved[k].abs().sum() > 0 for k in lora if k.endswith("lora_b"))  # B moved from zero
+    assert not any(k.endswith(".weight") and ("self_attention." in k or "ffn." in k) for k in saved)
+    loaded = ReactivePretrained.from_pretrained(tmp_path / "run" / "adapter", base_dir)
+    assert loaded.reactive == plan.reactive
+    path.write_text(path.read_text().replace("lora_rank: 2", "lora_rank: two"))
+    with pytest.raises(ValueError, match="lora_rank: expected int"):
         load_reactive_recipe(path)

@@ -18,6 +18,7 @@ import rxt.engine
 from rxt.engine import NoMemoryEngine, ReactiveEngine
 from rxt.generation import SamplingConfig, left_pad
 from rxt.model import ReactiveTransformer
+from rxt.pretrained.lora import LORA_TARGETS
 from rxt.serve.batching import BatchScheduler
 from rxt.serve.metrics import ServerMetrics
 from rxt.serve.service import Turn
@@ -31,13 +32,21 @@ MESSAGES = ["Hi, my name is Ada and I live in Oslo.", "What?", "Remember: my fav
             "I moved to Lima last year; the café there is good."]
 
 
-@pytest.fixture
-def model(chat_base):
-    """The tiny ChatML model made reactive, its memory read (W_O != 0): the states depend on the memory."""
-    model = reactive(chat_base)
+@pytest.fixture(params=["frozen base", "lora"])
+def model(chat_base, request):
+    """The tiny ChatML model made reactive, its memory read (W_O != 0): the states depend on the memory.
+    Its base frozen, or with LoRA on every linear layer of the self-attention and the FFN (B drawn
+    non-zero, so the base's computation changes too)."""
+    config = REACTIVE
+    if request.param == "lora":
+        config = dataclasses.replace(REACTIVE, lora_rank=4, lora_targets=list(LORA_TARGETS))
+    model = reactive(chat_base, config)
     with torch.no_grad():
         for i in model.reactive.memory_layers:
             model.decoder.layers[i].memory_cross_attention.o_proj.weight.normal_(0.0, 0.2)
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0.0, 0.05)
     return model
 
 

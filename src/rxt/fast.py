@@ -96,7 +96,8 @@ class FastDecoder:
     Works for any model with ``decoder.layers`` of rxt ``DecoderLayer`` and ``decoder.norm``:
     ReactiveTransformer, StatelessLM, and ReactivePretrained (memory in some layers only; its STM
     has one layer per memory layer, in order). Weights are read from the model at every call, except
-    the stacked memory projection, rebuilt whenever a source weight changed.
+    the stacked memory projection, rebuilt whenever a source weight changed. The decoder's linear layers
+    are called as modules, so LoRA-wrapped ones (rxt.pretrained.lora) run as on the eager path.
     """
 
     def __init__(

@@ -11,6 +11,8 @@ stay frozen; what is new is small and ships as an adapter that names its base by
 
 The cross-attention's output projection starts at zero, so before any training the model adds exactly
 0.0 to the residual stream: its logits are the base model's, bit for bit, whatever the memory holds.
+Optionally (``lora_rank`` > 0) LoRA wraps some of the base's linear layers (rxt.pretrained.lora); its B
+starts at zero, so the same holds, and its weights ship in the adapter while the base's stay frozen.
 The memory encoder is the decoder itself (docs/reactive-pretrained.md argues the choice with
 measurements): in training, the teacher-forced pass over a turn gives both its loss and its ED.
 """
@@ -35,6 +37,7 @@ from rxt.config import ModelConfig
 from rxt.layers import RMSNorm
 from rxt.memory import MemoryAttention, ShortTermMemory, positions_from_mask
 from rxt.model import StatelessLM, _init_weights
+from rxt.pretrained.lora import add_lora
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,14 @@ class ReactiveConfig:
     # further ED positions): a told word's identity is there verbatim, where the later layers' states
     # mostly hold predictions of the next token
     ed_embeddings: bool = False
+    # LoRA on the frozen base (rxt.pretrained.lora): rank 0 is off. Its weights are adapter weights; the
+    # base's stay frozen and untouched. alpha / rank scales the update; targets name the decoder layer's
+    # linear layers (LORA_TARGETS: q_proj, k_proj, v_proj, o_proj of the self-attention, gate, up, down of
+    # the FFN); lora_layers None is every decoder layer
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_layers: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,6 +87,14 @@ class ReactiveConfig:
         if unknown:
             raise ValueError(f"unknown reactive config keys {unknown}; known keys are {sorted(known)}")
         return cls(**data)
+
+    def identity_dict(self) -> dict[str, Any]:
+        """to_dict without the LoRA keys when LoRA is off: a model without LoRA keeps the identity it had
+        before the option existed (its saved sessions stay valid)."""
+        data = self.to_dict()
+        if not self.lora_rank:
+            data = {k: v for k, v in data.items() if not k.startswith("lora_")}
+        return data
 
     def memory_config(self, base: ModelConfig) -> ModelConfig:
         """The ModelConfig rxt's memory pieces are built from: the base's width, one layer per memory layer."""
@@ -142,6 +161,8 @@ class ReactivePretrained(nn.Module):
         for i in config.memory_layers:  # the model's output is exactly the base's until this is trained
             nn.init.zeros_(base.decoder.layers[i].memory_cross_attention.o_proj.weight)
         self.init_norms_from_base()
+        if config.lora_rank:
+            self.add_lora()
 
     @torch.no_grad()
     def init_norms_from_base(self) -> None:
@@ -157,6 +178,16 @@ class ReactivePretrained(nn.Module):
         for slot, i in enumerate(self.reactive.memory_layers):
             layers[i].memory_norm.weight.copy_(layers[i].ffn_norm.weight)
             self.memory_attention.layers[slot].ed_norm.weight.copy_(layers[i].ffn_norm.weight)
+
+    def add_lora(self) -> None:
+        """Wrap the configured linear layers of the base in LoRALinear (after the base's keys were recorded
+        and its weights frozen: the LoRA weights are the adapter's, trainable)."""
+        c = self.reactive
+        if c.lora_rank < 0 or not c.lora_alpha > 0:
+            raise ValueError(f"lora_rank must be >= 0 and lora_alpha positive, got {c.lora_rank} and {c.lora_alpha}")
+        layers = self.decoder.layers
+        add_lora(layers, c.lora_targets, list(range(len(layers))) if c.lora_layers is None else c.lora_layers,
+                 c.lora_rank, c.lora_alpha)
 
     def new_modules(self) -> list[nn.Module]:
         layers = self.base.decoder.layers
@@ -285,7 +316,7 @@ class ReactivePretrained(nn.Module):
 
     # -- the adapter ---------------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything that is not the base's: cross-attention, memory attention, STM init."""
+        """Everything that is not the base's: cross-attention, memory attention, STM init, LoRA (if on)."""
         return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k not in self.base_keys}
 
     def save_adapter(self, directory: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
@@ -360,7 +391,7 @@ class ReactivePretrained(nn.Module):
         """The base's sha256 and the adapter's weights: sessions are only valid for the model that made them."""
         digest = hashlib.sha256(self.model_type.encode())
         digest.update(self.base_sha256.encode())
-        digest.update(json.dumps(self.reactive.to_dict(), sort_keys=True).encode())
+        digest.update(json.dumps(self.reactive.identity_dict(), sort_keys=True).encode())
         for name, tensor in sorted(self.adapter_state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.float().numpy().tobytes())
