@@ -18,8 +18,8 @@ def test_every_recipe_validates(path, tmp_path, monkeypatch):
         make_data(tmp_path / "experiments" / path.parent.name / "data")
         monkeypatch.chdir(tmp_path)
     raw = yaml.safe_load(path.read_text())
-    if raw.get("kind") == "reactive-pretrained":
-        _validate_reactive(raw, tmp_path, monkeypatch, path)
+    if raw.get("kind") in ("reactive-pretrained", "stateless-pretrained"):
+        _validate_pretrained(raw, tmp_path, monkeypatch, path)
         return
     data = (raw.get("data") or {})
     if any(str(data.get(k, "")).startswith("data/") for k in ("train_file", "heldout_file")) or data.get("text_files"):
@@ -29,16 +29,17 @@ def test_every_recipe_validates(path, tmp_path, monkeypatch):
     assert recipe.stages.smat.steps > 0
 
 
-def _validate_reactive(raw: dict, root: Path, monkeypatch, path: Path) -> None:
-    """A reactive-pretrained recipe names an imported base and fetched chitchat: stand-ins of both."""
-    from rxt.pretrained.training import load_reactive_recipe
+def _validate_pretrained(raw: dict, root: Path, monkeypatch, path: Path) -> None:
+    """A recipe on a pretrained base names an imported base and fetched chitchat: stand-ins of both."""
+    from rxt.pretrained.history_training import HistoryRecipe
+    from rxt.pretrained.training import ReactiveRecipe
 
     (root / raw["base"]).mkdir(parents=True, exist_ok=True)
     (root / raw["base"] / "config.json").write_text("{}")
     if raw["data"].get("chitchat_file"):
         _stand_in_fetched_data({"train_file": raw["data"]["chitchat_file"]}, root)
     monkeypatch.chdir(root)
-    recipe = load_reactive_recipe(path)
+    recipe = (ReactiveRecipe if raw["kind"] == "reactive-pretrained" else HistoryRecipe).load(path)
     assert recipe.train.steps > 0 and recipe.data.fact_share > 0
 
 

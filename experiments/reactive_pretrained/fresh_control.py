@@ -17,7 +17,12 @@ from pathlib import Path
 import torch
 
 from rxt.pretrained.reactive import ReactivePretrained
-from rxt.pretrained.training import TrainingDialogues, heldout_fact_dialogues, load_reactive_recipe, memory_control
+from rxt.pretrained.training import (
+    TrainingDialogues,
+    heldout_fact_dialogues,
+    load_reactive_recipe,
+    memory_control,
+)
 
 FAR = 10**12  # dialogue indices far beyond any a run draws (batch_indices draws below 2**30)
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LORA_TARGETS", "LoRALinear", "add_lora"]
+__all__ = ["LORA_TARGETS", "LoRALinear", "add_lora", "merged_state_dict"]
 
 # the decoder layer's linear layers LoRA can wrap, by short name -> (sub-block, attribute)
 LORA_TARGETS = {
@@ -72,3 +72,16 @@ def add_lora(layers: nn.ModuleList, targets: list[str], layer_ids: list[int], ra
                 raise ValueError(f"lora_targets: layer {i}'s {block_name} has no linear layer {attribute!r} "
                                  f"({type(block).__name__})")
             setattr(block, attribute, LoRALinear(linear, rank, alpha))
+
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state_dict with every LoRALinear folded in: its ``weight`` is W + (alpha/r) B A and its
+    ``lora_a`` / ``lora_b`` are gone. The result has the base architecture's keys, so it loads into a
+    plain model that computes what the LoRA model computes."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.rsplit(".", 1)[-1].startswith("lora_")}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            state[f"{name}.weight"] = module.weight.detach() + (module.lora_b @ module.lora_a) * module.scale
+    return state

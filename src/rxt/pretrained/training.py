@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import yaml
+from torch import nn
 
 from rxt.data.dialogues import FACTS, FRESH_WORDS, Dialogue, DialogueGenerator
 from rxt.data.jsonl import DialogueList
@@ -70,59 +71,83 @@ class ReactiveDataSpec:
 
 
 @dataclass
-class ReactiveRecipe:
-    kind: str = KIND
-    name: str = "reactive"
+class DialogueRecipe:
+    """What every recipe on a pretrained base and these dialogues holds (reactive and stateless alike)."""
+
+    kind: str = ""
+    name: str = ""
     base: str = ""  # the pretrained model directory (`rxt import gguf ... --out DIR`)
     seed: int = 0
     threads: int = 1
     bf16_autocast: bool = False
     log_every: int = 10
     checkpoint_every: int = 25
-    reactive: ReactiveConfig = field(default_factory=ReactiveConfig)
     data: ReactiveDataSpec = field(default_factory=ReactiveDataSpec)
     train: StageSpec = field(default_factory=StageSpec)
+
+    def check(self, kind: str) -> None:
+        """The checks shared by every kind: the kind, the base directory, the data and the optimisation."""
+        if self.kind != kind:
+            raise ValueError(f"kind must be {kind!r}, got {self.kind!r}")
+        if not self.base or not (Path(self.base) / "config.json").is_file():
+            raise FileNotFoundError(f"base: {self.base!r} is not a model directory "
+                                    f"(make one with `rxt import gguf FILE --out DIR`)")
+        validate_data(self.data, self.train)
+
+    @classmethod
+    def is_one(cls, path: str | Path) -> bool:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        return isinstance(data, dict) and data.get("kind") == cls.kind
+
+    @classmethod
+    def load(cls, path: str | Path) -> Any:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        return parse(cls, data, str(path)).validate()
+
+
+@dataclass
+class ReactiveRecipe(DialogueRecipe):
+    kind: str = KIND
+    name: str = "reactive"
+    reactive: ReactiveConfig = field(default_factory=ReactiveConfig)
     # an adapter directory (an earlier stage's DIR/adapter) this run starts from instead of a fresh adapter:
     # a curriculum's next stage. Its reactive config must be this recipe's.
     init_from: str = ""
 
     def validate(self) -> ReactiveRecipe:
-        if self.kind != KIND:
-            raise ValueError(f"kind must be {KIND!r}, got {self.kind!r}")
-        if not self.base or not (Path(self.base) / "config.json").is_file():
-            raise FileNotFoundError(f"base: {self.base!r} is not a model directory "
-                                    f"(make one with `rxt import gguf FILE --out DIR`)")
+        self.check(KIND)
         if self.init_from and not (Path(self.init_from) / "adapter.json").is_file():
             raise FileNotFoundError(f"init_from: {self.init_from!r} is not an adapter directory (no adapter.json); "
                                     f"it is an earlier run's DIR/adapter")
-        d, t = self.data, self.train
-        for key in ("fact_share", "frames", "paraphrases", "fresh_values"):
-            if not 0.0 <= getattr(d, key) <= 1.0:
-                raise ValueError(f"data.{key} is a share in [0, 1], got {getattr(d, key)}")
-        if d.fact_share < 1.0 and not d.chitchat_file:
-            raise ValueError(f"data.fact_share {d.fact_share} leaves room for chitchat: give data.chitchat_file")
-        if d.chitchat_file and not Path(d.chitchat_file).is_file():
-            raise FileNotFoundError(f"data.chitchat_file: no such file: {d.chitchat_file} (run `rxt data fetch` first?)")
-        if d.fresh_words not in FRESH_WORDS:
-            raise ValueError(f"data.fresh_words must be one of {FRESH_WORDS}, got {d.fresh_words!r}")
-        facts = d.facts_per_dialogue
-        if len(facts) != 2 or not 1 <= facts[0] <= facts[1] <= len(FACTS):
-            raise ValueError(f"data.facts_per_dialogue must be [min, max] with 1 <= min <= max <= {len(FACTS)}, got {facts}")
-        if not d.recall_weight > 0 or d.heldout_dialogues < 2:
-            raise ValueError("data.recall_weight must be positive and data.heldout_dialogues at least 2")
-        if t.steps < 1 or t.batch_size < 1 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
-            raise ValueError("train: steps >= 1, batch_size >= 1, grad_accum >= 1 dividing batch_size are required")
         return self
 
 
+def validate_data(d: ReactiveDataSpec, t: StageSpec) -> None:
+    """The data and optimisation checks every recipe on these dialogues shares (reactive and stateless)."""
+    for key in ("fact_share", "frames", "paraphrases", "fresh_values"):
+        if not 0.0 <= getattr(d, key) <= 1.0:
+            raise ValueError(f"data.{key} is a share in [0, 1], got {getattr(d, key)}")
+    if d.fact_share < 1.0 and not d.chitchat_file:
+        raise ValueError(f"data.fact_share {d.fact_share} leaves room for chitchat: give data.chitchat_file")
+    if d.chitchat_file and not Path(d.chitchat_file).is_file():
+        raise FileNotFoundError(f"data.chitchat_file: no such file: {d.chitchat_file} (run `rxt data fetch` first?)")
+    if d.fresh_words not in FRESH_WORDS:
+        raise ValueError(f"data.fresh_words must be one of {FRESH_WORDS}, got {d.fresh_words!r}")
+    facts = d.facts_per_dialogue
+    if len(facts) != 2 or not 1 <= facts[0] <= facts[1] <= len(FACTS):
+        raise ValueError(f"data.facts_per_dialogue must be [min, max] with 1 <= min <= max <= {len(FACTS)}, got {facts}")
+    if not d.recall_weight > 0 or d.heldout_dialogues < 2:
+        raise ValueError("data.recall_weight must be positive and data.heldout_dialogues at least 2")
+    if t.steps < 1 or t.batch_size < 1 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
+        raise ValueError("train: steps >= 1, batch_size >= 1, grad_accum >= 1 dividing batch_size are required")
+
+
 def is_reactive_recipe(path: str | Path) -> bool:
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    return isinstance(data, dict) and data.get("kind") == KIND
+    return ReactiveRecipe.is_one(path)
 
 
 def load_reactive_recipe(path: str | Path) -> ReactiveRecipe:
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    return parse(ReactiveRecipe, data, str(path)).validate()
+    return ReactiveRecipe.load(path)
 
 
 # -- data ----------------------------------------------------------------------------------------------
@@ -241,14 +266,22 @@ def memory_control(model: ReactivePretrained, dialogues: list[Dialogue]) -> dict
             data = {k: v.to(device) for k, v in turns[t].items()}
             for name, stm in (("own", memories[n][t]), ("other", other[min(t, len(other) - 1)]),
                               ("wiped", model.initial_memory(1).to(device))):
-                logits = _read(model, data, stm)[0]
-                losses = answer_token_losses(logits, data["ids"], data["answer"])
-                on_answer = data["answer"][:, 1:]
-                right = (logits[:, :-1].argmax(-1) == data["ids"][:, 1:])[on_answer]
-                scores[name].append((float(losses.sum() / on_answer.sum()), bool(right.all()),
-                                     int(right.sum()), right.numel()))
+                scores[name].append(answer_score(_read(model, data, stm)[0], data["ids"], data["answer"]))
     model.train(was_training)
-    out = {}
+    return recall_summary(scores)
+
+
+def answer_score(logits: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor) -> tuple[float, bool, int, int]:
+    """One answer: its mean loss, whether every token is the top-1, how many are, and how many there are."""
+    losses = answer_token_losses(logits, ids, answer)
+    on_answer = answer[:, 1:]
+    right = (logits[:, :-1].argmax(-1) == ids[:, 1:])[on_answer]
+    return float(losses.sum() / on_answer.sum()), bool(right.all()), int(right.sum()), right.numel()
+
+
+def recall_summary(scores: dict[str, list[tuple[float, bool, int, int]]]) -> dict[str, float]:
+    """Per reading (own, other, wiped): mean answer loss, share of answers exact, share of answer tokens top-1."""
+    out: dict[str, float] = {}
     for name, rows in scores.items():
         out[f"recall_loss_{name}"] = round(sum(r[0] for r in rows) / max(1, len(rows)), 4)
         out[f"recall_exact_{name}"] = round(sum(r[1] for r in rows) / max(1, len(rows)), 4)
@@ -266,21 +299,98 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class ReactiveRun:
-    """One reactive-pretrained recipe: base + fresh adapter, one Trainer, the adapter saved as it goes."""
+class DialogueRun:
+    """A run on these dialogues, whatever it trains: the output directory (refused if it holds a run's
+    checkpoints and ``resume`` is off), the device, the training and held-out dialogues, one Trainer,
+    the held-out control at each evaluation, and the trained model written to ``output_dir`` at the end
+    with the recipe, the training log and the final control. Subclasses say what model, batch, loss and
+    control; the batches are drawn by (seed, step) under the reactive stage's name whatever the subclass,
+    so two kinds of run on one recipe's data see the same dialogues at the same step."""
 
-    def __init__(self, recipe: ReactiveRecipe, out: str | Path, resume: bool = False, device: str = "auto",
+    stage = STAGE
+    label = "reactive"
+    output_name = "adapter"
+
+    def __init__(self, recipe: Any, out: str | Path, resume: bool = False, device: str = "auto",
                  progress: bool = True):
         self.recipe, self.out, self.resume, self.progress = recipe, Path(out), resume, progress
         self.rank, self.world = init_distributed()
         self.device = pick_device(device)
-        self.adapter_dir = self.out / "adapter"
         self.metrics_path = self.out / "metrics.jsonl"
+        self.output_dir = self.out / self.output_name
         if not resume and (self.out / "checkpoints").exists():
             raise FileExistsError(f"{self.out} holds a run's checkpoints: pass --resume to continue it, "
                                   f"or choose another --out")
         self.data = TrainingDialogues(recipe.data)
         self.heldout = heldout_fact_dialogues(recipe.data)
+
+    # what a subclass supplies
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def batch(self, dialogues: list[Dialogue], tokenizer: Tokenizer, recall_weight: float) -> Batch:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, data: Any, generator: torch.Generator | None = None):
+        raise NotImplementedError
+
+    def control(self, model: nn.Module) -> dict[str, float]:
+        raise NotImplementedError
+
+    def trained_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def save(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def on_checkpoint(self, model: nn.Module) -> None:
+        """After each checkpoint (default: nothing; the reactive run rewrites its adapter)."""
+
+    # the rest is shared
+    def trainer(self, model: nn.Module) -> Trainer:
+        spec, recipe = self.recipe.train, self.recipe
+        tok, weight = model.tokenizer, recipe.data.recall_weight
+
+        def make_batch(step: int, micro: int, rank: int, world: int) -> Batch:
+            indices = batch_indices(recipe.seed, STAGE, step, spec.batch_size, 1 << 30)
+            return self.batch([self.data[i] for i in rank_slice(indices, micro, spec.grad_accum, rank, world)],
+                              tok, weight)
+
+        return Trainer(
+            model=model, stage=self.stage, spec=spec, make_batch=make_batch, loss_fn=self.loss,
+            work_dir=self.out, metrics_path=self.metrics_path, seed=recipe.seed, log_every=recipe.log_every,
+            checkpoint_every=recipe.checkpoint_every, bf16_autocast=recipe.bf16_autocast, progress=self.progress,
+            extra_metrics={"model": self.label}, model_state=self.trained_state, monitor=self.control,
+            on_checkpoint=self.on_checkpoint,
+        )
+
+    def run(self) -> dict[str, Any]:
+        model = self.build_model()
+        if self.rank == 0 and not self.resume:
+            log.info("held-out control before training: %s", self.control(model))
+        self.trainer(model).train(resume=self.resume)
+        if self.rank != 0:
+            return {}
+        self.save(model)
+        recipe_yaml = yaml.safe_dump(dataclasses.asdict(self.recipe), sort_keys=False)
+        (self.output_dir / "recipe.yaml").write_text(recipe_yaml)
+        if self.metrics_path.is_file():
+            shutil.copyfile(self.metrics_path, self.output_dir / "training_log.jsonl")
+        trained = sum(t.numel() for t in self.trained_state(model).values())
+        summary = {"steps": self.recipe.train.steps, "trained_parameters": trained, "control": self.control(model)}
+        (self.output_dir / "control.json").write_text(json.dumps(summary, indent=2) + "\n")
+        shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+        return summary
+
+
+class ReactiveRun(DialogueRun):
+    """One reactive-pretrained recipe: base + fresh adapter (or an earlier stage's), the adapter saved as
+    it goes (``DIR/adapter``)."""
+
+    def __init__(self, recipe: ReactiveRecipe, out: str | Path, resume: bool = False, device: str = "auto",
+                 progress: bool = True):
+        super().__init__(recipe, out, resume, device, progress)
+        self.adapter_dir = self.output_dir
 
     def build_model(self) -> ReactivePretrained:
         torch.manual_seed(self.recipe.seed)
@@ -294,38 +404,20 @@ class ReactiveRun:
                              f"(key: (adapter, recipe)): {differ}")
         return model.train()
 
-    def trainer(self, model: ReactivePretrained) -> Trainer:
-        spec, recipe = self.recipe.train, self.recipe
-        tok, weight = model.tokenizer, recipe.data.recall_weight
+    def batch(self, dialogues: list[Dialogue], tokenizer: Tokenizer, recall_weight: float) -> Batch:
+        return dialogue_batch(dialogues, tokenizer, recall_weight)
 
-        def make_batch(step: int, micro: int, rank: int, world: int) -> Batch:
-            indices = batch_indices(recipe.seed, STAGE, step, spec.batch_size, 1 << 30)
-            return dialogue_batch([self.data[i] for i in rank_slice(indices, micro, spec.grad_accum, rank, world)],
-                                  tok, weight)
+    def loss(self, model: ReactivePretrained, data: Any, generator: torch.Generator | None = None):
+        return memory_aware_loss(model, data, generator)
 
-        return Trainer(
-            model=model, stage=STAGE, spec=spec, make_batch=make_batch, loss_fn=memory_aware_loss,
-            work_dir=self.out, metrics_path=self.metrics_path, seed=recipe.seed, log_every=recipe.log_every,
-            checkpoint_every=recipe.checkpoint_every, bf16_autocast=recipe.bf16_autocast, progress=self.progress,
-            extra_metrics={"model": "reactive"},
-            model_state=lambda m: m.adapter_state_dict(),
-            monitor=lambda m: memory_control(m, self.heldout),
-            on_checkpoint=lambda m: m.save_adapter(self.adapter_dir),
-        )
+    def control(self, model: ReactivePretrained) -> dict[str, float]:
+        return memory_control(model, self.heldout)
 
-    def run(self) -> dict[str, Any]:
-        model = self.build_model()
-        if self.rank == 0 and not self.resume:
-            log.info("held-out memory control before training: %s", memory_control(model, self.heldout))
-        self.trainer(model).train(resume=self.resume)
-        if self.rank != 0:
-            return {}
+    def trained_state(self, model: ReactivePretrained) -> dict[str, torch.Tensor]:
+        return model.adapter_state_dict()
+
+    def save(self, model: ReactivePretrained) -> None:
         model.save_adapter(self.adapter_dir)
-        recipe_yaml = yaml.safe_dump(dataclasses.asdict(self.recipe), sort_keys=False)
-        (self.adapter_dir / "recipe.yaml").write_text(recipe_yaml)
-        if self.metrics_path.is_file():
-            shutil.copyfile(self.metrics_path, self.adapter_dir / "training_log.jsonl")
-        summary = {"steps": self.recipe.train.steps, "control": memory_control(model, self.heldout)}
-        (self.adapter_dir / "control.json").write_text(json.dumps(summary, indent=2) + "\n")
-        shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
-        return summary
+
+    def on_checkpoint(self, model: ReactivePretrained) -> None:
+        model.save_adapter(self.adapter_dir)

@@ -1,0 +1,162 @@
+"""The stateless baseline of a reactive adapter (`kind: stateless-pretrained`): LoRA on the same base,
+the whole history, the same dialogues; its batches, its control, the merged model it writes, exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from rxt.baselines import StatelessEngine
+from rxt.cli import main
+from rxt.data.dialogues import Dialogue, Turn
+from rxt.generation import SamplingConfig
+from rxt.model import StatelessLM, load_model
+from rxt.pretrained.history_training import (
+    HistoryRecipe,
+    HistoryRun,
+    LoRASpec,
+    history_batch,
+    history_control,
+    history_loss,
+    load_history_recipe,
+    lora_model,
+    lora_state,
+)
+from rxt.pretrained.lora import merged_state_dict
+from rxt.pretrained.training import ReactiveDataSpec, TrainingDialogues, heldout_fact_dialogues
+from rxt.training.batches import batch_indices
+from rxt.training.recipe import StageSpec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LORA = LoRASpec(rank=2, alpha=4.0, targets=["q_proj", "v_proj", "down"])
+
+
+def recipe(base_dir: Path, steps: int = 4) -> HistoryRecipe:
+    data = ReactiveDataSpec(fact_share=1.0, min_turns=2, max_turns=4, max_distance=3, heldout_dialogues=3)
+    train = StageSpec(steps=steps, batch_size=2, grad_accum=2, lr=1e-2, warmup_steps=1, eval_every=2)
+    return HistoryRecipe(base=str(base_dir), lora=LORA, data=data, train=train, checkpoint_every=2).validate()
+
+
+def test_a_dialogue_is_one_sequence_as_the_stateless_engine_reads_it_scored_on_its_answers(chat_base):
+    tok = chat_base.tokenizer
+    dialogue = Dialogue("d", [Turn("My cat is Tom.", "Nice cat."), Turn("Who is my cat?", "Tom.", check=True)])
+    batch = history_batch([dialogue, Dialogue("e", dialogue.turns[:1])], tok, recall_weight=3.0)
+    ids, mask, weights = batch.data["ids"], batch.data["mask"], batch.data["weights"]
+    expected = (tok.preamble() + tok.prompt("My cat is Tom.") + tok.answer("Nice cat.") + tok.closing()
+                + tok.prompt("Who is my cat?") + tok.answer("Tom.") + tok.closing())
+    assert ids[0].tolist() == expected and bool(mask[0].all())
+    assert int(mask[1].sum()) < ids.shape[1] and not bool(weights[1][~mask[1]].any())  # padding is not scored
+    scored = [(tok.decode([int(i)]), float(w)) for i, w in zip(ids[0], weights[0], strict=True) if w > 0]
+    first = len(tok.answer("Nice cat.")) + len(tok.closing())
+    assert tok.decode(tok.answer("Nice cat.")) in "".join(s for s, _ in scored[:first])
+    assert {w for _, w in scored[:first]} == {1.0} and {w for _, w in scored[first:]} == {3.0}
+    assert len(scored) == first + len(tok.answer("Tom.")) + len(tok.closing())  # the answers and closings only
+    assert batch.count == float(weights[:, 1:].sum())
+
+
+def test_before_training_it_is_the_base_and_the_merged_model_computes_what_lora_does(chat_base, tmp_path):
+    base_dir = chat_base.save_pretrained(tmp_path / "base")
+    model = lora_model(base_dir, LORA)
+    ids = torch.tensor([chat_base.tokenizer.preamble() + chat_base.tokenizer.prompt("Hello there")])
+    assert torch.equal(model.decode(ids), chat_base.decode(ids))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".lora_" not in n)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0.0, 0.5)
+    moved = model.decode(ids)
+    assert (moved - chat_base.decode(ids)).abs().max() > 1e-2
+    merged = StatelessLM(model.config)
+    merged.load_state_dict(merged_state_dict(model))  # strict: the base's keys exactly
+    # fp32 rounding only: the sums are taken in another order
+    assert (merged.decode(ids) - moved).abs().max() <= 1e-5 * moved.abs().max()
+
+
+def test_the_control_reads_own_other_and_no_history(chat_base, tmp_path):
+    """The answer is only predictable from the dialogue's own history when the model copies from it:
+    a base that copies (LoRA trained on this one dialogue) scores own far below other and wiped."""
+    base_dir = chat_base.save_pretrained(tmp_path / "base")
+    model = lora_model(base_dir, LORA)
+    dialogues = [Dialogue(f"d{i}", [Turn(f"My code is {w}.", "Noted."), Turn("What is my code?", f"{w}.", check=True)])
+                 for i, w in enumerate(["apple", "zebra"])]
+    before = history_control(model, dialogues)
+    assert before["recall_questions"] == 2
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = history_batch(dialogues, model.tokenizer)
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss, _ = history_loss(model, batch.data)
+        (loss / batch.count).backward()
+        optimizer.step()
+    after = history_control(model, dialogues)
+    assert after["recall_loss_own"] < before["recall_loss_own"]
+    assert after["recall_loss_own"] < after["recall_loss_other"] - 0.5
+    assert after["recall_loss_own"] < after["recall_loss_wiped"] - 0.5
+
+
+def test_it_draws_the_reactive_runs_dialogues(chat_base, tmp_path):
+    """Same seed, same step: the same dialogues as the reactive recipe, so the two logs compare step for step."""
+    plan = recipe(chat_base.save_pretrained(tmp_path / "base"))
+    run = HistoryRun(plan, tmp_path / "run", progress=False)
+    trainer = run.trainer(run.build_model())
+    batch = trainer.make_batch(3, 0, 0, 1)
+    data = TrainingDialogues(plan.data)
+    drawn = [data[i] for i in batch_indices(plan.seed, "reactive", 3, 2, 1 << 30)][:1]
+    assert batch.data["ids"].tolist() == history_batch(drawn, run.build_model().tokenizer, 1.0).data["ids"].tolist()
+
+
+def test_a_resumed_run_writes_the_same_model_which_loads_as_a_plain_stateless_model(chat_base, tmp_path):
+    base_dir = chat_base.save_pretrained(tmp_path / "base")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**dataclasses.asdict(recipe(base_dir)), "kind": "stateless-pretrained"}))
+    assert main(["train", "--recipe", str(path), "--out", str(tmp_path / "whole"), "--no-progress"]) == 0
+    # the other run stops after its first checkpoint (step 2) and is resumed to the end
+    cut = HistoryRun(load_history_recipe(path), tmp_path / "cut", progress=False)
+    trainer = cut.trainer(cut.build_model())
+    for _ in range(2):
+        trainer.train_step()
+    trainer.save_checkpoint()
+    saved = [k for k in load_file(str(tmp_path / "cut" / "checkpoints" / "history.safetensors")) if "decoder." in k]
+    assert saved and all(".lora_" in k for k in saved)  # of the model only what trains, none of the base
+    with pytest.raises(FileExistsError, match="--resume"):
+        HistoryRun(load_history_recipe(path), tmp_path / "cut", progress=False)
+    HistoryRun(load_history_recipe(path), tmp_path / "cut", resume=True, progress=False).run()
+    one = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
+    two = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    assert one.keys() == two.keys() == set(chat_base.state_dict())
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert any(not torch.equal(one[k], v) for k, v in chat_base.state_dict().items())  # it trained
+    summary = json.loads((tmp_path / "whole" / "model" / "control.json").read_text())
+    assert summary["trained_parameters"] == sum(t.numel() for t in lora_state(lora_model(base_dir, LORA)).values())
+    model = load_model(tmp_path / "whole" / "model")
+    assert isinstance(model, StatelessLM)
+    engine = StatelessEngine(model)
+    session = engine.new_session()
+    engine.interact(session, "Hello", SamplingConfig(max_new_tokens=3))
+    assert session.turns == 1 and session.tensors["history"].numel() > 0  # `rxt chat DIR/model` runs it
+    assert not (tmp_path / "whole" / "checkpoints").exists()
+
+
+def test_bad_recipes_are_refused(chat_base, tmp_path):
+    base_dir = chat_base.save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match="lora.rank"):
+        dataclasses.replace(recipe(base_dir), lora=LoRASpec(rank=0)).validate()
+    with pytest.raises(ValueError, match="lora.targets.*q_prj"):
+        dataclasses.replace(recipe(base_dir), lora=LoRASpec(targets=["q_prj"])).validate()
+    with pytest.raises(FileNotFoundError, match="rxt import gguf"):
+        HistoryRecipe(base=str(tmp_path / "nowhere")).validate()
+    with pytest.raises(ValueError, match="fact_share"):
+        HistoryRecipe(base=str(base_dir), data=ReactiveDataSpec(fact_share=1.5)).validate()
+    path = tmp_path / "r.yaml"
+    path.write_text(f"kind: stateless-pretrained\nbase: {base_dir}\ndata: {{fact_share: 1.0}}\ntrain: {{steps: 2}}\n"
+                    "lora: {rnk: 4}\n")
+    with pytest.raises(ValueError, match="unknown keys \\['rnk'\\]"):
+        load_history_recipe(path)
+    assert heldout_fact_dialogues(recipe(base_dir).data)  # (the control's dialogues exist for this spec)
