@@ -129,3 +129,24 @@ def test_perplexity_of_the_untrained_adapter_is_the_current_turn_models(dirs, tm
         assert row["rxt"] == pytest.approx(row["current_turn"], rel=1e-4)
         assert row["rxt_no_memory"] == pytest.approx(row["current_turn"], rel=1e-4)
     assert report["by_turn"]["3"]["stateless"] != pytest.approx(report["by_turn"]["3"]["current_turn"], rel=1e-4)
+
+
+def test_the_window_baseline_holds_as_many_numbers_as_the_adapters_memory(dirs, chat_base):
+    """An adapter's memory has fewer layers than its base's KV cache: the equal-state window is counted
+    from the memory it holds (here 2 memory layers of 8 slots of d_model), not from the base's config;
+    --window-tokens sets it, and a window of nothing is refused."""
+    adapter_dir, base_dir = dirs
+    engines = engines_for(str(adapter_dir), str(base_dir), base=str(base_dir), baselines=["window"])
+    c = chat_base.config
+    memory = len(REACTIVE.memory_layers) * REACTIVE.stm_slots * c.d_model
+    assert engines["rxt"].model.initial_memory(1).numel() == memory
+    assert engines["window"].window_tokens == memory // (2 * c.n_layers * c.n_kv_heads * c.d_head)
+    session = engines["window"].new_session()
+    for text in ("one two three four five six seven", "eight nine ten"):
+        engines["window"].interact(session, text)
+    assert engines["window"].state_bytes(session) <= memory * 4 + 2 * c.n_layers * c.n_kv_heads * c.d_head * 4 * len(
+        engines["window"].preamble)  # the window's cache: the preamble and at most the memory's worth
+    assert engines_for(str(base_dir), None, window_tokens=5, baselines=["window"])["window"].window_tokens == 5
+    with pytest.raises(ValueError, match="--window-tokens must be at least 1"):
+        engines_for(str(base_dir), None, window_tokens=0, baselines=["window"])
+    engines["rxt"].close()

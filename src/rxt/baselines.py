@@ -26,13 +26,13 @@ from rxt.turn_states import TurnStates
 MODES = ("full", "cached", "current", "window")
 
 
-def window_tokens_for(config: ModelConfig) -> int:
-    """History tokens whose KV cache holds as many numbers as an RxT STM of this config.
-
-    STM: L * S * D values; KV cache: L * 2 * H_kv * d_head values per token.
+def window_tokens_for(config: ModelConfig, memory_numbers: int | None = None) -> int:
+    """History tokens whose KV cache holds as many numbers as a memory: ``memory_numbers`` (one
+    session's memory state, e.g. ``model.initial_memory(1).numel()``), by default an RxT STM of this
+    config (L * S * D values). A KV cache holds L * 2 * H_kv * d_head values per token.
     """
-    per_token = 2 * config.n_kv_heads * config.d_head
-    return max(1, config.stm_slots * config.d_model // per_token)
+    numbers = memory_numbers or config.n_layers * config.stm_slots * config.d_model
+    return max(1, numbers // (2 * config.n_layers * config.n_kv_heads * config.d_head))
 
 
 class StatelessEngine(ChatEngine):

@@ -374,7 +374,8 @@ def _model_type(directory: str, option: str) -> str:
 
 
 def engines_for(model: str | None, baseline: str | None, device: str = "cpu", base: str | None = None,
-                baselines: Sequence[str] = tuple(BASELINE_MODES), no_memory: bool = False) -> dict[str, ChatEngine]:
+                baselines: Sequence[str] = tuple(BASELINE_MODES), no_memory: bool = False,
+                window_tokens: int | None = None) -> dict[str, ChatEngine]:
     """``--model`` may be an RxT, a reactive adapter or a stateless directory; ``--baseline`` goes with an
     RxT ``--model``."""
     if not model and not baseline:
@@ -384,8 +385,8 @@ def engines_for(model: str | None, baseline: str | None, device: str = "cpu", ba
     if model and _model_type(model, "--model") == "stateless":
         if baseline:
             raise ValueError("--model is a stateless model: --baseline compares one with an RxT --model")
-        return build_engines(None, model, device, baselines=baselines)
-    return build_engines(model, baseline, device, base, baselines, no_memory)
+        return build_engines(None, model, device, baselines=baselines, window_tokens=window_tokens)
+    return build_engines(model, baseline, device, base, baselines, no_memory, window_tokens)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -396,7 +397,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{option} {path}: no such directory {Path(path).resolve().parent}")
     suite = load_suite(args.half)
     dialogues = build_dialogues(suite, tuple(args.tasks), args.per_task, args.seed, args.max_distance)
-    engines = engines_for(args.model, args.baseline, args.device, args.base, args.baselines, args.no_memory)
+    engines = engines_for(args.model, args.baseline, args.device, args.base, args.baselines, args.no_memory,
+                          args.window_tokens)
     settings = {"seed": args.seed, "per_task": args.per_task, "max_new_tokens": args.max_new_tokens,
                 "distances": {t: list(task_distances(t, args.max_distance)) for t in args.tasks},
                 "distance_counts": {t: DISTANCE_MEANS[t] for t in args.tasks}}

@@ -164,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
     dialogues = DialogueList.read(args.data, args.max_turns, args.max_chars).dialogues
     dialogues = dialogues[: args.dialogues] if args.dialogues else dialogues
     # with an RxT, also the same model and weights reading STM_0 at every turn
-    engines = build_engines(args.model, args.baseline, args.device, args.base, args.baselines, no_memory=bool(args.model))
+    engines = build_engines(args.model, args.baseline, args.device, args.base, args.baselines, no_memory=bool(args.model),
+                            window_tokens=args.window_tokens)
     data = evaluate_perplexity(engines, dialogues, args.batch_size, progress=not args.no_progress).to_dict()
     data["params"] = {name: engine.model.num_parameters() for name, engine in engines.items()}
     data["data"], data["max_turns"], data["max_chars"] = args.data, args.max_turns, args.max_chars

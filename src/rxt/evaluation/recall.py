@@ -258,14 +258,18 @@ NO_MEMORY = "rxt_no_memory"
 
 def build_engines(
     rxt_dir: str | None, baseline_dir: str | None, device: str = "cpu", base: str | None = None,
-    baselines: Sequence[str] = tuple(BASELINE_MODES), no_memory: bool = False,
+    baselines: Sequence[str] = tuple(BASELINE_MODES), no_memory: bool = False, window_tokens: int | None = None,
 ) -> dict[str, ChatEngine]:
     """The RxT (a model directory, or a reactive adapter with its ``base``), the stateless baseline in
-    each of ``baselines``, and with ``no_memory`` the same RxT reading STM_0 at every turn."""
+    each of ``baselines``, and with ``no_memory`` the same RxT reading STM_0 at every turn. The window
+    baseline keeps ``window_tokens`` of history, by default as many as make a KV cache the size of the
+    RxT's memory state (of a reactive adapter too, whose memory has fewer layers than its base)."""
     from rxt.baselines import StatelessEngine
     from rxt.engine import NoMemoryEngine, ReactiveEngine
     from rxt.model import StatelessLM, load_model
 
+    if window_tokens is not None and window_tokens < 1:
+        raise ValueError(f"--window-tokens must be at least 1, got {window_tokens}")
     engines: dict[str, ChatEngine] = {}
     if rxt_dir:
         model = load_model(rxt_dir, device, base)
@@ -276,11 +280,12 @@ def build_engines(
             engines[NO_MEMORY] = NoMemoryEngine(model, device=device)
     if baseline_dir:
         baseline = StatelessLM.from_pretrained(baseline_dir)
-        window = None
-        if rxt_dir:  # equal state size: the window holds as many numbers as the RxT memory
+        window = window_tokens
+        if rxt_dir and window is None:  # equal state size: the window holds as many numbers as the RxT memory
             from rxt.baselines import window_tokens_for
 
-            window = window_tokens_for(engines["rxt"].model.config)
+            rxt = engines["rxt"].model
+            window = window_tokens_for(baseline.config, rxt.initial_memory(1).numel())
         for label in baselines:
             engines[label] = StatelessEngine(baseline, device=device, mode=BASELINE_MODES[label], window_tokens=window)
     if not engines:
@@ -296,6 +301,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, no_memory: bool = True
     parser.add_argument("--baselines", nargs="+", choices=tuple(BASELINE_MODES), default=list(BASELINE_MODES),
                         help="how the stateless baseline reads the conversation: the full history, the current "
                         "turn only, a window of history as big as the RxT memory")
+    parser.add_argument("--window-tokens", type=int, metavar="N",
+                        help="history tokens the window baseline keeps (default: a KV cache as big as the RxT "
+                        "--model's memory; without one, as big as an STM of the baseline's config)")
     if no_memory:
         parser.add_argument("--no-memory", action="store_true",
                             help=f"also the RxT with its memory never written ({NO_MEMORY}: STM_0 at every turn)")
@@ -418,7 +426,8 @@ def run(args: argparse.Namespace) -> int:
     for option, path in (("--json", args.json), ("--plot", args.plot), ("--mistakes", args.mistakes)):
         if path and not Path(path).resolve().parent.is_dir():  # found out before the run, not after it
             raise ValueError(f"{option} {path}: no such directory {Path(path).resolve().parent}")
-    engines = build_engines(args.model, args.baseline, args.device, args.base, args.baselines, args.no_memory)
+    engines = build_engines(args.model, args.baseline, args.device, args.base, args.baselines, args.no_memory,
+                            args.window_tokens)
     report = evaluate_recall(engines, dialogues, args.batch_size, args.max_new_tokens, history=args.history)
     print_table(report)
     if args.json:
