@@ -293,3 +293,35 @@ def test_smollm2_with_lora_is_exactly_the_base_and_its_adapter_under_20_mb(smoll
     adapter = model.save_adapter(tmp_path / "adapter")
     assert (adapter / "adapter.safetensors").stat().st_size <= 20 * 10**6
     assert json.loads((adapter / "adapter.json").read_text())["parameters"] == 9_279_360 + lora
+
+
+def test_a_read_started_from_the_base_searches_the_memory_as_the_layer_searches_its_context(base):
+    """memory_read "base": each memory layer's cross-attention starts as that layer's own self-attention.
+    Slots that hold the states entering the layer get the keys and values the self-attention gives those
+    tokens (before RoPE); the model is still exactly the base until W_O moves; its identity differs."""
+    with torch.no_grad():  # an input norm that is not all ones, so folding it in is tested
+        for layer in base.decoder.layers:
+            layer.self_norm.weight.uniform_(0.5, 1.5)
+    heads = (base.config.n_q_heads, base.config.n_kv_heads)
+    config = dataclasses.replace(REACTIVE, memory_read="base")  # the read takes the base's heads; the write keeps 2/2
+    model = reactive(base, config)
+    tok = base.tokenizer
+    ids = torch.tensor([tok.interaction(PROMPTS[0], "Sure.")])
+    assert torch.equal(model.decode(ids, stm=random_memory(model, 1)), base.decode(ids))
+    states = base.embedding(ids)
+    for i, layer in enumerate(base.decoder.layers):
+        if i in config.memory_layers:
+            read = model.decoder.layers[i]
+            k, v = read.project_memory(states)
+            own = layer.self_attention
+            normed = layer.self_norm(states)
+            torch.testing.assert_close(k, own._heads(own.k_proj(normed), heads[1]), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v, own._heads(own.v_proj(normed), heads[1]), rtol=1e-5, atol=1e-5)
+            assert torch.equal(read.memory_norm.weight, layer.self_norm.weight)
+            assert read.memory_cross_attention.rotary is None  # content only: the slots have no positions
+        states = layer(states, torch.arange(ids.shape[1]))
+    assert model.identity() != reactive(base).identity()
+    assert model.memory_attention.layers[0].attention.n_q_heads == REACTIVE.cross_n_q_heads
+    with pytest.raises(ValueError, match="memory_read must be one of"):
+        ReactivePretrained(copy.deepcopy(base), dataclasses.replace(REACTIVE, memory_read="old"))
+    assert "memory_read" not in REACTIVE.identity_dict()  # adapters saved before the option keep their identity

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ReactiveConfig", "ReactivePretrained", "answer_loss", "base_sha256", "dialogue_loss"]
 
 ADAPTER_FORMAT = 1
+MEMORY_READS = ("new", "base")
 ADAPTER_WEIGHTS, ADAPTER_META = "adapter.safetensors", "adapter.json"
 MemoryKV = list[tuple[torch.Tensor, torch.Tensor] | None]  # per decoder layer; None where it has no memory
 
@@ -68,6 +69,12 @@ class ReactiveConfig:
     # further ED positions): a told word's identity is there verbatim, where the later layers' states
     # mostly hold predictions of the next token
     ed_embeddings: bool = False
+    # how the memory cross-attention starts: "new" (random queries, keys and values, RoPE on the queries)
+    # or "base": its queries, keys and values are the layer's own pretrained self-attention (its input
+    # norm folded in, no RoPE), so at the start each memory layer searches the memory as it searches its
+    # context. It has the base's heads (SmolLM2: 9 query, 3 key/value); cross_n_q_heads and cross_n_kv_heads
+    # then set the memory attention's alone. Either way W_O starts at zero: the model is the base until trained.
+    memory_read: str = "new"
     # LoRA on the frozen base (rxt.pretrained.lora): rank 0 is off. Its weights are adapter weights; the
     # base's stay frozen and untouched. alpha / rank scales the update; targets name the decoder layer's
     # linear layers (LORA_TARGETS: q_proj, k_proj, v_proj, o_proj of the self-attention, gate, up, down of
@@ -89,11 +96,13 @@ class ReactiveConfig:
         return cls(**data)
 
     def identity_dict(self) -> dict[str, Any]:
-        """to_dict without the LoRA keys when LoRA is off: a model without LoRA keeps the identity it had
-        before the option existed (its saved sessions stay valid)."""
+        """to_dict without the keys of options that are off (LoRA, the base-started read): a model without
+        them keeps the identity it had before the options existed (its saved sessions stay valid)."""
         data = self.to_dict()
         if not self.lora_rank:
             data = {k: v for k, v in data.items() if not k.startswith("lora_")}
+        if self.memory_read == "new":
+            data.pop("memory_read")
         return data
 
     def memory_config(self, base: ModelConfig) -> ModelConfig:
@@ -137,6 +146,8 @@ class ReactivePretrained(nn.Module):
                              f"got {config.memory_layers}")
         if sorted(set(config.memory_layers)) != list(config.memory_layers):
             raise ValueError(f"memory_layers must be increasing and distinct, got {config.memory_layers}")
+        if config.memory_read not in MEMORY_READS:
+            raise ValueError(f"memory_read must be one of {MEMORY_READS}, got {config.memory_read!r}")
         # the base's ModelConfig as `config` (context length, vocabulary: what engines and servers read), the
         # reactive additions as `reactive`
         self.config, self.reactive, self.base_sha256 = base.config, config, base_sha256
@@ -151,9 +162,13 @@ class ReactivePretrained(nn.Module):
         for i in config.memory_layers:
             layer = base.decoder.layers[i]
             layer.memory_norm = RMSNorm(c.d_model, c.norm_eps)
-            layer.memory_cross_attention = Attention(
-                c.d_model, c.n_heads, c.cross_n_q_heads, c.cross_n_kv_heads, "q", c.attn_impl, rotary
-            )
+            if config.memory_read == "base":  # the layer's own self-attention's heads, no RoPE
+                layer.memory_cross_attention = Attention(c.d_model, c.n_heads, c.n_q_heads, c.n_kv_heads, "none",
+                                                         c.attn_impl)
+            else:
+                layer.memory_cross_attention = Attention(
+                    c.d_model, c.n_heads, c.cross_n_q_heads, c.cross_n_kv_heads, "q", c.attn_impl, rotary
+                )
         self.memory_attention = MemoryAttention(c, rotary)
         self.stm = ShortTermMemory(c)
         for module in self.new_modules():
@@ -161,6 +176,8 @@ class ReactivePretrained(nn.Module):
         for i in config.memory_layers:  # the model's output is exactly the base's until this is trained
             nn.init.zeros_(base.decoder.layers[i].memory_cross_attention.o_proj.weight)
         self.init_norms_from_base()
+        if config.memory_read == "base":
+            self.init_read_from_base()
         if config.lora_rank:
             self.add_lora()
 
@@ -178,6 +195,20 @@ class ReactivePretrained(nn.Module):
         for slot, i in enumerate(self.reactive.memory_layers):
             layers[i].memory_norm.weight.copy_(layers[i].ffn_norm.weight)
             self.memory_attention.layers[slot].ed_norm.weight.copy_(layers[i].ffn_norm.weight)
+
+    @torch.no_grad()
+    def init_read_from_base(self) -> None:
+        """Each memory cross-attention's queries, keys and values become its layer's self-attention's: the
+        query norm is the layer's attention-input norm; the slots are RMS-normalised without a weight
+        (project_memory), so that norm's weight is folded into the key and value projections. W_O stays
+        zero: what the read finds is only written into the residual stream once training moves it."""
+        layers = self.decoder.layers
+        for i in self.reactive.memory_layers:
+            read, own, norm = layers[i].memory_cross_attention, layers[i].self_attention, layers[i].self_norm
+            layers[i].memory_norm.weight.copy_(norm.weight)
+            read.q_proj.weight.copy_(own.q_proj.weight)
+            read.k_proj.weight.copy_(own.k_proj.weight * norm.weight)
+            read.v_proj.weight.copy_(own.v_proj.weight * norm.weight)
 
     def add_lora(self) -> None:
         """Wrap the configured linear layers of the base in LoRALinear (after the base's keys were recorded
