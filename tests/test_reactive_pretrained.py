@@ -325,3 +325,32 @@ def test_a_read_started_from_the_base_searches_the_memory_as_the_layer_searches_
     with pytest.raises(ValueError, match="memory_read must be one of"):
         ReactivePretrained(copy.deepcopy(base), dataclasses.replace(REACTIVE, memory_read="old"))
     assert "memory_read" not in REACTIVE.identity_dict()  # adapters saved before the option keep their identity
+
+
+def test_a_tokens_memory_keeps_the_turns_states_verbatim_and_learns_nothing_on_the_write(base):
+    """memory_write "tokens": no memory attention; after a turn each memory layer's last slots are the
+    turn's states after that layer (the masked-out padding and preamble left out), older slots shift
+    towards the front and the oldest drop; a left-padded batch writes what each row alone writes."""
+    config = dataclasses.replace(REACTIVE, memory_write="tokens", stm_slots=12)
+    model = reactive(base, config)
+    assert model.memory_attention is None
+    assert not any(k.startswith("memory_attention.") for k in model.adapter_state_dict())
+    tok = base.tokenizer
+    ids, mask = batch(tok, PROMPTS)
+    stm0 = model.initial_memory(3)
+    stm = model.update_memory(stm0, ids, mask)
+    assert stm.shape == stm0.shape
+    encoded = model.encode(ids, stm0, mask)
+    kept = model.turn_mask(ids, mask)
+    for row in range(3):
+        n = int(kept[row].sum())
+        for slot in range(len(config.memory_layers)):
+            states = encoded[slot][row][kept[row]]
+            if n >= 12:
+                assert torch.equal(stm[slot, row], states[-12:])
+            else:
+                assert torch.equal(stm[slot, row, -n:], states) and torch.equal(stm[slot, row, :-n], stm0[slot, row, n:])
+        alone = model.update_memory(stm0[:, row : row + 1], ids[row : row + 1, mask[row]], None)
+        torch.testing.assert_close(alone[:, 0], stm[:, row], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="memory_write"):
+        ReactivePretrained(copy.deepcopy(base), dataclasses.replace(REACTIVE, memory_write="token"))

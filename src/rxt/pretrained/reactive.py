@@ -61,7 +61,10 @@ class ReactiveConfig:
     cross_n_kv_heads: int = 3
     stm_slots: int = 64  # per memory layer
     memory_attention: str = "simple"  # a variant of rxt.memory; the others add a pre-step attention per layer
-    memory_write: str = "queue"  # each turn fills write_slots new slots; the oldest drop out
+    # "queue": each turn fills write_slots new slots, the oldest drop out (rxt.memory; or any rxt write).
+    # "tokens": no memory attention at all; each memory layer keeps the states of the last stm_slots turn
+    # tokens verbatim (each turn's appended, the oldest dropped): a memory of tokens, not of summaries
+    memory_write: str = "queue"
     write_slots: int = 8  # stm_slots / write_slots = 8 turns kept
     gate_mode: str = "elementwise"  # for memory_write "attention" / "competitive"
     stm_init_std: float = 0.02
@@ -106,7 +109,9 @@ class ReactiveConfig:
         return data
 
     def memory_config(self, base: ModelConfig) -> ModelConfig:
-        """The ModelConfig rxt's memory pieces are built from: the base's width, one layer per memory layer."""
+        """The ModelConfig rxt's memory pieces are built from: the base's width, one layer per memory layer.
+        (A "tokens" memory has no memory attention; its STM is built from this config all the same.)"""
+        write = "queue" if self.memory_write == "tokens" else self.memory_write
         return dataclasses.replace(
             base,
             n_layers=len(self.memory_layers),
@@ -116,8 +121,8 @@ class ReactiveConfig:
             stm_init="normal",
             stm_init_std=self.stm_init_std,
             memory_attention=self.memory_attention,
-            memory_write=self.memory_write,
-            write_slots=self.write_slots if self.memory_write == "queue" else 0,
+            memory_write=write,
+            write_slots=self.write_slots if write == "queue" else 0,
             gate_mode=self.gate_mode,
             moe_experts=0,
             dropout=0.0,
@@ -169,7 +174,8 @@ class ReactivePretrained(nn.Module):
                 layer.memory_cross_attention = Attention(
                     c.d_model, c.n_heads, c.cross_n_q_heads, c.cross_n_kv_heads, "q", c.attn_impl, rotary
                 )
-        self.memory_attention = MemoryAttention(c, rotary)
+        # a "tokens" memory keeps the turn's states verbatim: nothing to learn on the write side
+        self.memory_attention = None if config.memory_write == "tokens" else MemoryAttention(c, rotary)
         self.stm = ShortTermMemory(c)
         for module in self.new_modules():
             module.apply(_init_weights)
@@ -194,7 +200,8 @@ class ReactivePretrained(nn.Module):
         layers = self.decoder.layers
         for slot, i in enumerate(self.reactive.memory_layers):
             layers[i].memory_norm.weight.copy_(layers[i].ffn_norm.weight)
-            self.memory_attention.layers[slot].ed_norm.weight.copy_(layers[i].ffn_norm.weight)
+            if self.memory_attention is not None:
+                self.memory_attention.layers[slot].ed_norm.weight.copy_(layers[i].ffn_norm.weight)
 
     @torch.no_grad()
     def init_read_from_base(self) -> None:
@@ -224,7 +231,7 @@ class ReactivePretrained(nn.Module):
         layers = self.base.decoder.layers
         readers = [layers[i].memory_cross_attention for i in self.reactive.memory_layers]
         norms = [layers[i].memory_norm for i in self.reactive.memory_layers]
-        return [*readers, *norms, self.memory_attention]
+        return [*readers, *norms] + ([self.memory_attention] if self.memory_attention is not None else [])
 
     @property
     def decoder(self) -> nn.Module:
@@ -318,6 +325,8 @@ class ReactivePretrained(nn.Module):
             if ed_mask is None:
                 ed_mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
             ed_mask = torch.cat([ed_mask, ed_mask], dim=1)
+        if self.memory_attention is None:
+            return keep_tokens(stm, encoded, ed_mask)
         return self.memory_attention(stm, encoded, ed_mask)
 
     def turn_mask(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -430,6 +439,19 @@ class ReactivePretrained(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def keep_tokens(stm: torch.Tensor, encoded: list[torch.Tensor], ed_mask: torch.Tensor | None) -> torch.Tensor:
+    """The "tokens" write: each memory layer's slots followed by the turn's states under ``ed_mask``, the
+    last S kept. stm: (L, B, S, D); encoded: L tensors (B, T, D); ed_mask: (B, T), True on kept tokens."""
+    states = torch.stack(list(encoded))  # (L, B, T, D)
+    slots = stm.shape[2]
+    if ed_mask is None:
+        return torch.cat([stm, states], dim=2)[:, :, -slots:]
+    rows = []
+    for b in range(stm.shape[1]):  # rows keep different numbers of tokens
+        rows.append(torch.cat([stm[:, b], states[:, b, ed_mask[b]]], dim=1)[:, -slots:])
+    return torch.stack(rows, dim=1)
 
 
 def base_sha256(base_dir: str | Path) -> str:
