@@ -150,7 +150,7 @@ def test_a_missing_dependency_is_named(monkeypatch, capsys):
     real = importlib.import_module
 
     def fake(name, *args):
-        if name == "rxt.serve.app":
+        if name == "rxt.serve.cli":
             raise ModuleNotFoundError("No module named 'uvicorn'", name="uvicorn")
         return real(name, *args)
 
