@@ -83,10 +83,9 @@ def load_history_recipe(path: str | Path) -> HistoryRecipe:
 
 # -- data ----------------------------------------------------------------------------------------------
 def interaction(tokenizer: Tokenizer, query: str, answer: str) -> tuple[list[int], int]:
-    """One turn as the stateless engine keeps it in the history (prompt, answer, closing; no preamble)
-    and the prompt's length."""
-    prompt = tokenizer.prompt(query)
-    return prompt + tokenizer.answer(answer) + tokenizer.closing(), len(prompt)
+    """One turn as the stateless engine keeps it in the history (``Tokenizer.interaction``: prompt,
+    answer, closing; no preamble) and the prompt's length."""
+    return tokenizer.interaction(query, answer), len(tokenizer.prompt(query))
 
 
 def history_sequence(tokenizer: Tokenizer, dialogue: Dialogue, weight_of=None) -> tuple[list[int], list[float]]:
