@@ -24,6 +24,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "validate"): ("rxt.data.jsonl", "check a dialogue JSONL file"),
     ("data", "fetch"): ("rxt.data.fetch", "download, check and prepare real corpora (and weights) under data/"),
     ("import", "gguf"): ("rxt.pretrained.gguf", "a llama-layout GGUF model (e.g. SmolLM2) as a stateless rxt model"),
+    ("wrap",): ("rxt.pretrained.wrap", "give a stateless model a memory of its own keys and values (an adapter)"),
     ("serve",): ("rxt.serve.cli", "OpenAI-compatible stateful chat server"),
 }
 

@@ -37,6 +37,15 @@ from rxt.config import ModelConfig
 from rxt.layers import RMSNorm
 from rxt.memory import MemoryAttention, ShortTermMemory, positions_from_mask
 from rxt.model import StatelessLM, _init_weights
+from rxt.pretrained.kv_memory import (
+    KEEP_POLICIES,
+    KVRead,
+    merge,
+    read_memory,
+    slot_width,
+    token_scores,
+    unrotate,
+)
 from rxt.pretrained.lora import add_lora
 
 log = logging.getLogger(__name__)
@@ -63,8 +72,12 @@ class ReactiveConfig:
     memory_attention: str = "simple"  # a variant of rxt.memory; the others add a pre-step attention per layer
     # "queue": each turn fills write_slots new slots, the oldest drop out (rxt.memory; or any rxt write).
     # "tokens": no memory attention at all; each memory layer keeps the states of the last stm_slots turn
-    # tokens verbatim (each turn's appended, the oldest dropped): a memory of tokens, not of summaries
+    # tokens verbatim (each turn's appended, the oldest dropped): a memory of tokens, not of summaries.
+    # "kv": every decoder layer keeps the self-attention keys and values of stm_slots past tokens, chosen
+    # by ``keep``, and reads them through its own self-attention (rxt.pretrained.kv_memory): no new weights,
+    # no memory_layers, no cross-attention
     memory_write: str = "queue"
+    keep: str = "recent"  # for memory_write "kv": which tokens stay (KEEP_POLICIES)
     write_slots: int = 8  # stm_slots / write_slots = 8 turns kept
     gate_mode: str = "elementwise"  # for memory_write "attention" / "competitive"
     stm_init_std: float = 0.02
@@ -106,12 +119,14 @@ class ReactiveConfig:
             data = {k: v for k, v in data.items() if not k.startswith("lora_")}
         if self.memory_read == "new":
             data.pop("memory_read")
+        if self.memory_write != "kv":
+            data.pop("keep")
         return data
 
     def memory_config(self, base: ModelConfig) -> ModelConfig:
         """The ModelConfig rxt's memory pieces are built from: the base's width, one layer per memory layer.
         (A "tokens" memory has no memory attention; its STM is built from this config all the same.)"""
-        write = "queue" if self.memory_write == "tokens" else self.memory_write
+        write = "queue" if self.memory_write in ("tokens", "kv") else self.memory_write
         return dataclasses.replace(
             base,
             n_layers=len(self.memory_layers),
@@ -138,21 +153,24 @@ class ReactivePretrained(nn.Module):
     """
 
     model_type = "rxt-pretrained"
-    # ED_t are the decoder's own states over the turn: generation computes them, and ReactiveEngine writes
-    # the memory from the ones it kept (rxt.turn_states) instead of re-running the turn
-    ed_from_generation = True
 
     def __init__(self, base: StatelessLM, config: ReactiveConfig | None = None, base_sha256: str = ""):
         super().__init__()
         config = config or ReactiveConfig()
         n_layers = base.config.n_layers
-        if not config.memory_layers or any(not 0 <= i < n_layers for i in config.memory_layers):
+        kv = config.memory_write == "kv"  # every layer reads its own keys and values: memory_layers unused
+        if not kv and (not config.memory_layers or any(not 0 <= i < n_layers for i in config.memory_layers)):
             raise ValueError(f"memory_layers must be a non-empty list of layers in 0..{n_layers - 1}, "
                              f"got {config.memory_layers}")
-        if sorted(set(config.memory_layers)) != list(config.memory_layers):
+        if not kv and sorted(set(config.memory_layers)) != list(config.memory_layers):
             raise ValueError(f"memory_layers must be increasing and distinct, got {config.memory_layers}")
         if config.memory_read not in MEMORY_READS:
             raise ValueError(f"memory_read must be one of {MEMORY_READS}, got {config.memory_read!r}")
+        if config.keep not in KEEP_POLICIES:
+            raise ValueError(f"keep must be one of {KEEP_POLICIES}, got {config.keep!r}")
+        self.kv_memory = kv
+        if self.kv_memory and config.stm_slots < 1:
+            raise ValueError(f"a kv memory needs stm_slots >= 1, got {config.stm_slots}")
         # the base's ModelConfig as `config` (context length, vocabulary: what engines and servers read), the
         # reactive additions as `reactive`
         self.config, self.reactive, self.base_sha256 = base.config, config, base_sha256
@@ -164,7 +182,8 @@ class ReactivePretrained(nn.Module):
         self.tokenizer = base.tokenizer
         rotary = base.decoder.layers[0].self_attention.rotary
         c = self.memory_config
-        for i in config.memory_layers:
+        self.kv_header = self._answer_header() if self.kv_memory else ([], 0)
+        for i in [] if self.kv_memory else config.memory_layers:
             layer = base.decoder.layers[i]
             layer.memory_norm = RMSNorm(c.d_model, c.norm_eps)
             if config.memory_read == "base":  # the layer's own self-attention's heads, no RoPE
@@ -175,15 +194,18 @@ class ReactivePretrained(nn.Module):
                     c.d_model, c.n_heads, c.cross_n_q_heads, c.cross_n_kv_heads, "q", c.attn_impl, rotary
                 )
         # a "tokens" memory keeps the turn's states verbatim: nothing to learn on the write side
-        self.memory_attention = None if config.memory_write == "tokens" else MemoryAttention(c, rotary)
-        self.stm = ShortTermMemory(c)
+        self.memory_attention = (
+            None if config.memory_write in ("tokens", "kv") else MemoryAttention(c, rotary)
+        )
+        self.stm = None if self.kv_memory else ShortTermMemory(c)
         for module in self.new_modules():
             module.apply(_init_weights)
-        for i in config.memory_layers:  # the model's output is exactly the base's until this is trained
-            nn.init.zeros_(base.decoder.layers[i].memory_cross_attention.o_proj.weight)
-        self.init_norms_from_base()
-        if config.memory_read == "base":
-            self.init_read_from_base()
+        if not self.kv_memory:
+            for i in config.memory_layers:  # the model's output is exactly the base's until this is trained
+                nn.init.zeros_(base.decoder.layers[i].memory_cross_attention.o_proj.weight)
+            self.init_norms_from_base()
+            if config.memory_read == "base":
+                self.init_read_from_base()
         if config.lora_rank:
             self.add_lora()
 
@@ -228,6 +250,8 @@ class ReactivePretrained(nn.Module):
                  c.lora_rank, c.lora_alpha)
 
     def new_modules(self) -> list[nn.Module]:
+        if self.kv_memory:
+            return []
         layers = self.base.decoder.layers
         readers = [layers[i].memory_cross_attention for i in self.reactive.memory_layers]
         norms = [layers[i].memory_norm for i in self.reactive.memory_layers]
@@ -246,12 +270,29 @@ class ReactivePretrained(nn.Module):
         return self.base.logits(hidden)
 
     # -- the turn cycle ------------------------------------------------------------------------------
+    @property
+    def ed_from_generation(self) -> bool:
+        """ED_t are the decoder's own states over the turn: generation computes them, and ReactiveEngine
+        writes the memory from the ones it kept (rxt.turn_states) instead of re-running the turn. A kv
+        memory is written by a pass over the finished turn (update_memory) instead."""
+        return not self.kv_memory
+
     def initial_memory(self, batch_size: int = 1) -> torch.Tensor:
-        """STM_0: (L_mem, B, S, D), one layer per memory layer."""
+        """STM_0: (L_mem, B, S, D), one layer per memory layer; for a kv memory (L, B, S, 2*H_kv*d_head + 2),
+        one layer per decoder layer, every slot empty."""
+        if self.kv_memory:
+            attention = self.decoder.layers[0].self_attention
+            width = slot_width(attention.n_kv_heads, attention.d_head)
+            weight = self.base.embedding.weight
+            return weight.new_zeros(len(self.decoder.layers), batch_size, self.reactive.stm_slots, width)
         return self.stm.initial(batch_size)
 
-    def project_memory(self, stm: torch.Tensor) -> MemoryKV:
-        """Cross-attention K/V of every decoder layer (None where it reads no memory), once per turn."""
+    def project_memory(self, stm: torch.Tensor) -> MemoryKV | KVRead:
+        """Cross-attention K/V of every decoder layer (None where it reads no memory), once per turn; for
+        a kv memory, its slots' keys (rotated at 0..n-1) and values for every layer's self-attention."""
+        if self.kv_memory:
+            attention = self.decoder.layers[0].self_attention
+            return read_memory(stm, attention.rotary, attention.n_kv_heads)
         kv: MemoryKV = [None] * len(self.decoder.layers)
         for slot, i in enumerate(self.reactive.memory_layers):
             kv[i] = self.decoder.layers[i].project_memory(stm[slot])
@@ -268,6 +309,8 @@ class ReactivePretrained(nn.Module):
         """The decoder over input_ids (B, T): normed final states (B, T, D) and the hidden states after
         each memory layer (L_mem tensors (B, T, D)), which are the turn's encoded data ED."""
         x = self.base.embedding(input_ids)
+        if isinstance(memory_kv, KVRead):
+            memory_kv, positions, key_mask, caches = self._read_kv(memory_kv, x, positions, key_mask, caches)
         if positions is None:
             start = caches[0].length if caches else 0
             positions = torch.arange(start, start + x.shape[1], device=x.device)
@@ -277,6 +320,32 @@ class ReactivePretrained(nn.Module):
             if memory_kv[i] is not None:
                 states.append(x)
         return self.decoder.norm(x), states
+
+    def _read_kv(
+        self,
+        read: KVRead,
+        x: torch.Tensor,
+        positions: torch.Tensor | None,
+        key_mask: torch.Tensor | None,
+        caches: list[KVCache] | None,
+    ) -> tuple[MemoryKV, torch.Tensor, torch.Tensor, list[KVCache]]:
+        """A kv memory is read as context: its slots stand in front of every layer's cache (put there on the
+        turn's first call), the key mask gains its fill mask, and the turn's positions start after its filled
+        slots. ``key_mask`` and ``positions`` are the turn's own, as for any other memory."""
+        if caches is None:
+            caches = [KVCache() for _ in self.decoder.layers]
+        if caches[0].length == 0:
+            read.fill(caches)
+        batch, length = x.shape[0], x.shape[1]
+        seen = caches[0].length - read.slots  # the turn's tokens already in the cache
+        if key_mask is None:
+            key_mask = torch.ones(batch, seen + length, dtype=torch.bool, device=x.device)
+        if positions is None:
+            positions = torch.arange(seen, seen + length, device=x.device).expand(batch, -1)
+        elif positions.dim() == 1:
+            positions = positions.expand(batch, -1)
+        key_mask = torch.cat([read.mask, key_mask.bool()], dim=1)
+        return [None] * len(self.decoder.layers), positions + read.counts[:, None], key_mask, caches
 
     def decode(
         self,
@@ -343,8 +412,71 @@ class ReactivePretrained(nn.Module):
         """Steps 2-3 of the turn cycle by a second pass over the turn: the reference for what ReactiveEngine
         writes from the states generation kept (rxt.turn_states.write_memory), and its path for turns it
         did not generate (``observe``)."""
+        if self.kv_memory:
+            return self.write_kv(stm, interaction_ids, key_mask)
         encoded = self.encode(interaction_ids, stm, key_mask)
         return self.consolidate(stm, encoded, self.turn_mask(interaction_ids, key_mask), interaction_ids)
+
+    def write_kv(
+        self, stm: torch.Tensor, interaction_ids: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """A kv memory's write: one pass over the turn reading STM_{t-1} (as generation did) gives every
+        layer's keys and values of its tokens and each token's surprisal; ``keep`` ranks them against the
+        slots already held and the S best stay (rxt.pretrained.kv_memory.merge)."""
+        if key_mask is None:
+            key_mask = torch.ones_like(interaction_ids, dtype=torch.bool)
+        read = self.project_memory(stm)
+        caches = [KVCache() for _ in self.decoder.layers]
+        positions = positions_from_mask(key_mask)
+        hidden, _ = self.run(interaction_ids, read, positions, key_mask, caches)
+        surprisal = None
+        if self.reactive.keep == "surprise":
+            logprobs = self.logits(hidden[:, :-1]).float().log_softmax(-1)
+            surprisal = F.pad(-logprobs.gather(-1, interaction_ids[:, 1:, None])[..., 0], (1, 0))
+        rotary, slots = self.decoder.layers[0].self_attention.rotary, read.slots
+        turn = []
+        for cache in caches:
+            keys = unrotate(rotary, cache.k[:, :, slots:], positions + read.counts[:, None])
+            b, h, t, d = keys.shape
+            turn.append(torch.cat([keys.transpose(1, 2).reshape(b, t, h * d),
+                                   cache.v[:, :, slots:].transpose(1, 2).reshape(b, t, h * d)], dim=-1))
+        write_mask = self.turn_mask(interaction_ids, key_mask)
+        scores = token_scores(self.reactive.keep, self.user_mask(interaction_ids, write_mask), surprisal)
+        return merge(stm, torch.stack(turn), interaction_ids, scores, write_mask)
+
+    def _answer_header(self) -> tuple[list[int], int]:
+        """The template's tokens between the user's message and the answer (ChatML: ``<|im_end|>\\n
+        <|im_start|>assistant\\n``), and how many of them close the user's message (ChatML: 2) rather
+        than open the answer. Where a turn's user part ends."""
+        if self.tokenizer is None:
+            return [], 0
+        suffix = self.tokenizer.template.prompt.split("{query}", 1)[-1]
+        closing = suffix[: suffix.rfind("<|im_start|>")] if "<|im_start|>" in suffix else ""
+        return self.tokenizer.render(suffix), len(self.tokenizer.render(closing)) if closing else 0
+
+    def user_mask(self, input_ids: torch.Tensor, write_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) True on the written tokens of the user's message (with its template tokens), False from
+        where the answer opens. A row without the template's answer header is all the user's."""
+        user = write_mask.clone()
+        header, closing = self.kv_header
+        if not header:
+            return user
+        width = len(header)
+        for b in range(input_ids.shape[0]):
+            row = input_ids[b].tolist()
+            for start in range(len(row) - width + 1):
+                if write_mask[b, start] and row[start : start + width] == header:
+                    user[b, start + closing :] = False
+                    break
+        return user
+        width = len(header)
+        for b in range(input_ids.shape[0]):
+            row = input_ids[b].tolist()
+            for start in range(len(row) - width + 1):
+                if write_mask[b, start] and row[start : start + width] == header:
+                    user[b, start + width :] = False
+                    break
+        return user
 
     def interaction(self, query: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One turn as ReactiveEngine feeds it (the template's preamble, the prompt, the answer, the

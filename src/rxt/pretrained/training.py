@@ -115,6 +115,9 @@ class ReactiveRecipe(DialogueRecipe):
     init_from: str = ""
 
     def validate(self) -> ReactiveRecipe:
+        if self.reactive.memory_write == "kv":
+            raise ValueError("reactive.memory_write 'kv' has no weights of its own to train: train the base with a "
+                             "'kind: stateless-pretrained' recipe and give its model a kv memory with `rxt wrap`")
         self.check(KIND)
         if self.init_from and not (Path(self.init_from) / "adapter.json").is_file():
             raise FileNotFoundError(f"init_from: {self.init_from!r} is not an adapter directory (no adapter.json); "

@@ -1,0 +1,165 @@
+"""A memory of the decoder's own keys and values (reactive.memory_write: kv): with room for the whole
+conversation it is the stateless model reading its history; with less, it keeps what its policy ranks
+first, at a fixed size; batched rows write what each writes alone; ReactiveEngine and the adapter
+round trip run it unchanged."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rxt.engine import ReactiveEngine
+from rxt.generation import SamplingConfig, left_pad
+from rxt.model import StatelessLM
+from rxt.pretrained.kv_memory import kept_tokens, merge, token_scores
+from rxt.pretrained.reactive import ReactiveConfig, ReactivePretrained
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BASE = dict(n_layers=3, n_q_heads=4, n_kv_heads=2, rope_theta=500.0, norm_eps=1e-5)
+TURNS = [("My cat is called Pellvick.", "What a fine name."), ("I live in Oslo.", "Oslo is lovely."),
+         ("What is my cat called?", "Pellvick.")]
+
+
+def kv_model(base: StatelessLM, slots: int, keep: str = "recent") -> ReactivePretrained:
+    config = ReactiveConfig(memory_write="kv", stm_slots=slots, keep=keep)
+    return ReactivePretrained(copy.deepcopy(base), config).eval()
+
+
+@pytest.fixture
+def base(make_tiny_model) -> StatelessLM:
+    return make_tiny_model(StatelessLM, seed=1, **BASE)
+
+
+def told(model: ReactivePretrained, turns=TURNS) -> torch.Tensor:
+    """The memory after the turns, written one turn at a time as the engine does."""
+    stm = model.initial_memory(1)
+    for query, answer in turns:
+        stm = model.update_memory(stm, model.interaction(query, answer)[0])
+    return stm
+
+
+def test_an_empty_memory_is_the_base_exactly(base):
+    model = kv_model(base, 16)
+    ids = model.interaction(*TURNS[0])[0]
+    assert torch.equal(model.decode(ids, stm=model.initial_memory(1)), base.decode(ids))
+
+
+def test_with_room_for_everything_it_is_the_stateless_model_reading_the_history(base):
+    """The memory's keys and values are the ones the base computes over the whole conversation: reading
+    them, the next turn's logits are the stateless model's over history + turn."""
+    model, tok = kv_model(base, 512), base.tokenizer
+    stm = told(model, TURNS[:2])
+    history = [t for q, a in TURNS[:2] for t in tok.interaction(q, a)]
+    assert kept_tokens(stm)[0] == history
+    ids, _ = model.interaction(*TURNS[2])
+    stateless = base.decode(torch.tensor([history + ids[0].tolist()]))[:, len(history):]
+    torch.testing.assert_close(model.decode(ids, stm=stm), stateless, atol=1e-5, rtol=1e-5)
+
+
+def test_a_small_memory_keeps_the_last_tokens_at_a_fixed_size(base):
+    model, tok = kv_model(base, 12), base.tokenizer
+    stm = told(model)
+    assert stm.shape == model.initial_memory(1).shape
+    everything = [t for q, a in TURNS for t in tok.interaction(q, a)]
+    assert kept_tokens(stm)[0] == everything[-12:]
+
+
+def test_user_keeps_the_users_messages_before_the_models_answers(chat_base):
+    model, tok = kv_model(chat_base, 48, keep="user"), chat_base.tokenizer
+    stm = told(model, TURNS[:2])
+    text = tok.decode(kept_tokens(stm)[0], skip_special=False)
+    assert "Pellvick" in text and "Oslo" in text
+    assert "fine name" not in text and "lovely" not in text  # the answers went first
+    assert "system" not in text  # the template's system message is never written
+    recent = tok.decode(kept_tokens(told(kv_model(chat_base, 48), TURNS[:2]))[0], skip_special=False)
+    assert "Pellvick" not in recent  # the window, at the same size, has lost the first message
+
+
+def test_surprise_keeps_the_surprising_message_and_a_message_stays_whole():
+    user = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    surprisal = torch.tensor([[1.0, 9.0, 2.0, 30.0], [0.5, 1.0, 4.0, 4.0]])
+    scores = token_scores("surprise", user, surprisal)
+    assert torch.equal(scores[0, :3], torch.full((3,), 1.09)) and scores[0, 3] == 0  # the answer ranks last
+    assert scores[1, 0] == scores[1, 1] < scores[0, 0]
+    with pytest.raises(ValueError, match="unknown keep policy"):
+        token_scores("random", user)
+
+
+def test_merge_keeps_the_best_scores_in_order_ties_to_the_newer():
+    stm = torch.zeros(1, 1, 3, 2 + 3)
+    turn = torch.arange(5.0)[None, None, :, None].expand(1, 1, 5, 2).clone()
+    ids = torch.tensor([[10, 11, 12, 13, 14]])
+    scores = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0]])
+    out = merge(stm, turn, ids, scores, torch.ones(1, 5, dtype=torch.bool))
+    assert kept_tokens(out) == [[10, 12, 14]]  # both 1.0s, then the newest 0.0
+    partial = merge(stm, turn, ids, scores, torch.tensor([[False, False, False, True, True]]))
+    assert kept_tokens(partial) == [[13, 14]] and partial[0, 0, 0, -1] == 0  # right-aligned, one slot empty
+
+
+def test_a_batch_writes_what_each_row_writes_alone(chat_base):
+    model, tok = kv_model(chat_base, 20, keep="user"), chat_base.tokenizer
+    stm = told(model, TURNS[:1]).expand(-1, 2, -1, -1).clone()
+    stm[:, 1] = model.initial_memory(1)[:, 0]  # one row remembers a turn, the other nothing
+    rows = [tok.preamble() + tok.interaction(*TURNS[1]), tok.preamble() + tok.interaction("Hi.", "Hello!")]
+    ids, mask = left_pad(rows, tok.pad_id, torch.device("cpu"))
+    batched = model.update_memory(stm, ids, mask)
+    for r, row in enumerate(rows):
+        alone = model.update_memory(stm[:, r : r + 1], torch.tensor([row]))
+        assert kept_tokens(batched[:, r : r + 1]) == kept_tokens(alone)
+        torch.testing.assert_close(batched[:, r : r + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_the_engine_runs_it_and_its_state_never_grows(chat_base):
+    model = kv_model(chat_base, 16, keep="user")
+    engine = ReactiveEngine(model, keep_states=True)
+    try:
+        assert not engine.keeps_states  # the write is a pass over the finished turn
+        session = engine.new_session()
+        sizes = []
+        for query, _ in TURNS:
+            engine.interact(session, query, SamplingConfig(temperature=0.0, max_new_tokens=6))
+            session.wait()
+            sizes.append(session.state_bytes())
+        assert len(set(sizes)) == 1
+        assert len(kept_tokens(session.tensors["stm"])[0]) == 16
+    finally:
+        engine.close()
+
+
+def test_the_adapter_round_trip_and_bad_settings(chat_base, tmp_path):
+    base_dir = tmp_path / "base"
+    chat_base.save_pretrained(base_dir)
+    model = ReactivePretrained.from_base(base_dir, ReactiveConfig(memory_write="kv", stm_slots=32, keep="user"))
+    assert model.num_parameters(trainable_only=True) == 0 and not model.adapter_state_dict()
+    model.save_adapter(tmp_path / "adapter")
+    loaded = ReactivePretrained.from_pretrained(tmp_path / "adapter")
+    assert loaded.reactive.keep == "user" and loaded.identity() == model.identity()
+    other = ReactivePretrained.from_base(base_dir, ReactiveConfig(memory_write="kv", stm_slots=32))
+    assert other.identity() != model.identity()  # the policy is part of what a saved session belongs to
+    with pytest.raises(ValueError, match="keep must be one of"):
+        ReactivePretrained(copy.deepcopy(chat_base), ReactiveConfig(memory_write="kv", keep="best"))
+    with pytest.raises(ValueError, match="stm_slots >= 1"):
+        ReactivePretrained(copy.deepcopy(chat_base), ReactiveConfig(memory_write="kv", stm_slots=0))
+
+
+def test_rxt_wrap_writes_an_adapter_the_engines_take(chat_base, tmp_path, capsys):
+    from rxt.cli import main
+
+    chat_base.save_pretrained(tmp_path / "base")
+    out = tmp_path / "kv"
+    assert main(["wrap", str(tmp_path / "base"), "--out", str(out), "--slots", "24", "--keep", "surprise"]) == 0
+    model = ReactivePretrained.from_pretrained(out)
+    assert model.reactive.memory_write == "kv" and model.reactive.stm_slots == 24
+    assert main(["wrap", str(tmp_path / "base"), "--out", str(out)]) == 2  # never over a saved adapter
+    assert "not empty" in capsys.readouterr().err
+    assert main(["wrap", str(tmp_path / "nothing"), "--out", str(tmp_path / "kv2")]) == 2
+
+
+def test_a_reactive_recipe_with_a_kv_memory_is_refused():
+    from rxt.pretrained.training import ReactiveRecipe
+
+    with pytest.raises(ValueError, match="rxt wrap"):
+        ReactiveRecipe(reactive=ReactiveConfig(memory_write="kv")).validate()
