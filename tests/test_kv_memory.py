@@ -163,3 +163,19 @@ def test_a_reactive_recipe_with_a_kv_memory_is_refused():
 
     with pytest.raises(ValueError, match="rxt wrap"):
         ReactiveRecipe(reactive=ReactiveConfig(memory_write="kv")).validate()
+
+
+def test_chat_shows_what_the_memory_keeps(chat_base):
+    import io
+
+    from rxt.chat import ChatREPL
+
+    engine = ReactiveEngine(kv_model(chat_base, 48, keep="user"))
+    try:
+        out = io.StringIO()
+        script = io.StringIO("My cat is called Pellvick.\n/memory\n")
+        ChatREPL(engine, SamplingConfig(temperature=0.0, max_new_tokens=4), stdin=script, stdout=out).run()
+        shown = out.getvalue().split("slots kept:\n", 1)
+        assert shown[0].endswith("of 48 ") and "<|im_start|>user\nMy cat is called Pellvick.<|im_end|>" in shown[1]
+    finally:
+        engine.close()

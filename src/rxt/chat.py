@@ -23,6 +23,7 @@ HELP = """commands:
   /save PATH    write this conversation's state to PATH
   /load PATH    continue a conversation written by /save
   /stats        per-turn timings, tokens processed and state size
+  /memory       the text a memory of kept tokens holds (rxt wrap's kv memory)
   /help         this list
   /quit         leave (Ctrl-D and Ctrl-C work too)"""
 
@@ -49,6 +50,7 @@ class ChatREPL:
             "/save": self.save,
             "/load": self.load,
             "/stats": self.show_stats,
+            "/memory": self.show_memory,
             "/help": self.show_help,
         }
 
@@ -148,6 +150,19 @@ class ChatREPL:
 
     def show_stats(self, _: str = "") -> None:
         self.write(format_stats(self.session.stats, self.session.pending is not None) + "\n")
+
+    def show_memory(self, _: str = "") -> None:
+        """What a kv memory keeps, as text; other memories hold vectors, not tokens."""
+        model = self.engine.model
+        if not getattr(model, "kv_memory", False):
+            self.write("this model's memory holds vectors, not tokens: /memory shows a kv memory (rxt wrap)\n")
+            return
+        from rxt.pretrained.kv_memory import kept_tokens
+
+        self.session.wait()
+        kept = kept_tokens(self.session.tensors["stm"])[0]
+        text = self.engine.tokenizer.decode(kept, skip_special=False)
+        self.write(f"{len(kept)} of {model.reactive.stm_slots} slots kept:\n{text}\n")
 
     def show_help(self, _: str = "") -> None:
         self.write(HELP + "\n")
