@@ -68,13 +68,16 @@ def test_a_small_memory_keeps_the_last_tokens_at_a_fixed_size(base):
 
 
 def test_user_keeps_the_users_messages_before_the_models_answers(chat_base):
-    model, tok = kv_model(chat_base, 48, keep="user"), chat_base.tokenizer
-    stm = told(model, TURNS[:2])
-    text = tok.decode(kept_tokens(stm)[0], skip_special=False)
-    assert "Pellvick" in text and "Oslo" in text
-    assert "fine name" not in text and "lovely" not in text  # the answers went first
+    tok = chat_base.tokenizer
+    turns = [*TURNS[:2], ("Thanks.", "You are welcome.")]
+    header, closing = kv_model(chat_base, 1).kv_header  # "<|im_end|>\n<|im_start|>assistant\n", 2 of it the user's
+    user = [len(tok.prompt(q)) - (len(header) - closing) for q, _ in turns[:2]]  # "<|im_start|>user\n...<|im_end|>\n"
+    slots = sum(user) + len(tok.interaction(*turns[2]))  # both older messages, and the whole last turn
+    text = tok.decode(kept_tokens(told(kv_model(chat_base, slots, keep="user"), turns))[0], skip_special=False)
+    assert "Pellvick" in text and "Oslo" in text and "welcome" in text  # the last answer stays too
+    assert "fine name" not in text and "lovely" not in text  # the older answers went first
     assert "system" not in text  # the template's system message is never written
-    recent = tok.decode(kept_tokens(told(kv_model(chat_base, 48), TURNS[:2]))[0], skip_special=False)
+    recent = tok.decode(kept_tokens(told(kv_model(chat_base, slots), turns))[0], skip_special=False)
     assert "Pellvick" not in recent  # the window, at the same size, has lost the first message
 
 
@@ -179,3 +182,12 @@ def test_chat_shows_what_the_memory_keeps(chat_base):
         assert shown[0].endswith("of 48 ") and "<|im_start|>user\nMy cat is called Pellvick.<|im_end|>" in shown[1]
     finally:
         engine.close()
+
+
+def test_the_finished_turn_stays_whatever_the_older_tokens_score():
+    stm = torch.zeros(1, 1, 4, 2 + 3)
+    first = merge(stm, torch.zeros(1, 1, 4, 2), torch.tensor([[1, 2, 3, 4]]), torch.full((1, 4), 5.0),
+                  torch.ones(1, 4, dtype=torch.bool))
+    second = merge(first, torch.zeros(1, 1, 2, 2), torch.tensor([[8, 9]]), torch.zeros(1, 2),
+                   torch.ones(1, 2, dtype=torch.bool))
+    assert kept_tokens(second) == [[3, 4, 8, 9]]  # low-scored, but just said; the best of the rest after it

@@ -12,8 +12,8 @@ it is that model reading the S past tokens its memory kept.
     read (per turn):    K_l, V_l = [rotate(K_mem_l, 0..n-1) ; K_turn_l], [V_mem_l ; V_turn_l]  (one softmax)
     write (after it):   STM_t = the S best of STM_{t-1}'s tokens and the finished turn's, in order
 
-The write is a choice, not a learned summary: ``keep`` ranks the tokens and the S best stay, ties going to
-the newer. "recent" keeps the last S tokens (the window baseline at the same state size); "user" keeps the
+The write is a choice, not a learned summary: the finished turn always stays (what was just said is
+kept whole), and ``keep`` ranks the older tokens: the S best stay, ties going to the newer. "recent" keeps the last S tokens (the window baseline at the same state size); "user" keeps the
 user's messages before the model's own answers, which it can say again; "surprise" ranks the user's
 messages by how surprising their most surprising token was to the model (a told name or number, not
 small talk), a message's tokens staying or going together.
@@ -31,6 +31,7 @@ from rxt.memory import positions_from_mask
 __all__ = ["KEEP_POLICIES", "KVRead", "kept_tokens", "merge", "read_memory", "token_scores", "unrotate"]
 
 KEEP_POLICIES = ("recent", "user", "surprise")
+RECENT_BONUS = 1e6  # added to the finished turn's scores while it is written: it is never the first to go
 EXTRA = 3  # channels after each slot's key and value: its token id, its score, its fill flag (1.0 filled)
 
 
@@ -122,8 +123,11 @@ def merge(
         candidates = torch.cat([old, new], dim=1)  # (L, n + k, W), oldest first
         n = candidates.shape[1]
         if n > slots:
-            # the S highest scores; among equal scores the newest (a stable sort of the reversed order)
-            order = torch.argsort(candidates[0, :, -2].flip(0), descending=True, stable=True)
+            # the finished turn first (what was just said stays), then the S highest scores; among equal
+            # scores the newest (a stable sort of the reversed order)
+            rank = candidates[0, :, -2].clone()
+            rank[old.shape[1]:] += RECENT_BONUS
+            order = torch.argsort(rank.flip(0), descending=True, stable=True)
             kept = torch.sort((n - 1 - order)[:slots]).values
             candidates = candidates[:, kept]
         out[:, b, slots - candidates.shape[1]:] = candidates

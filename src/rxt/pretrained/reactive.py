@@ -137,7 +137,8 @@ class ReactiveConfig:
             stm_init_std=self.stm_init_std,
             memory_attention=self.memory_attention,
             memory_write=write,
-            write_slots=self.write_slots if write == "queue" else 0,
+            # (a kv memory builds nothing from this config: its queue settings are only kept valid)
+            write_slots=1 if self.memory_write == "kv" else self.write_slots if write == "queue" else 0,
             gate_mode=self.gate_mode,
             moe_experts=0,
             dropout=0.0,
