@@ -59,6 +59,19 @@ def test_with_room_for_everything_it_is_the_stateless_model_reading_the_history(
     torch.testing.assert_close(model.decode(ids, stm=stm), stateless, atol=1e-5, rtol=1e-5)
 
 
+def test_the_preamble_stands_at_the_front_and_the_model_is_the_stateless_one_exactly(chat_base):
+    """With a template's system message: the memory starts with it, as the stateless conversation does,
+    and the turns open with the message; reading it all, the logits are the stateless model's."""
+    model, tok = kv_model(chat_base, 512), chat_base.tokenizer
+    stm = told(model, TURNS[:2])
+    history = tok.preamble() + [t for q, a in TURNS[:2] for t in tok.interaction(q, a)]
+    assert kept_tokens(stm)[0] == history and kept_tokens(model.initial_memory(2)) == [tok.preamble()] * 2
+    ids, _ = model.interaction(*TURNS[2])
+    assert ids[0].tolist() == tok.interaction(*TURNS[2])  # no second system message
+    stateless = chat_base.decode(torch.tensor([history + ids[0].tolist()]))[:, len(history):]
+    torch.testing.assert_close(model.decode(ids, stm=stm), stateless, atol=1e-5, rtol=1e-5)
+
+
 def test_a_small_memory_keeps_the_last_tokens_at_a_fixed_size(base):
     model, tok = kv_model(base, 12), base.tokenizer
     stm = told(model)
@@ -70,13 +83,14 @@ def test_a_small_memory_keeps_the_last_tokens_at_a_fixed_size(base):
 def test_user_keeps_the_users_messages_before_the_models_answers(chat_base):
     tok = chat_base.tokenizer
     turns = [*TURNS[:2], ("Thanks.", "You are welcome.")]
-    header, closing = kv_model(chat_base, 1).kv_header  # "<|im_end|>\n<|im_start|>assistant\n", 2 of it the user's
+    header, closing = kv_model(chat_base, 512).kv_header  # "<|im_end|>\n<|im_start|>assistant\n", 2 of it the user's
     user = [len(tok.prompt(q)) - (len(header) - closing) for q, _ in turns[:2]]  # "<|im_start|>user\n...<|im_end|>\n"
-    slots = sum(user) + len(tok.interaction(*turns[2]))  # both older messages, and the whole last turn
+    # the preamble (always kept), both older messages, and the whole last turn
+    slots = len(tok.preamble()) + sum(user) + len(tok.interaction(*turns[2]))
     text = tok.decode(kept_tokens(told(kv_model(chat_base, slots, keep="user"), turns))[0], skip_special=False)
     assert "Pellvick" in text and "Oslo" in text and "welcome" in text  # the last answer stays too
     assert "fine name" not in text and "lovely" not in text  # the older answers went first
-    assert "system" not in text  # the template's system message is never written
+    assert text.count("system") == 1 and text.startswith(tok.decode(tok.preamble(), skip_special=False))
     recent = tok.decode(kept_tokens(told(kv_model(chat_base, slots), turns))[0], skip_special=False)
     assert "Pellvick" not in recent  # the window, at the same size, has lost the first message
 
@@ -103,10 +117,10 @@ def test_merge_keeps_the_best_scores_in_order_ties_to_the_newer():
 
 
 def test_a_batch_writes_what_each_row_writes_alone(chat_base):
-    model, tok = kv_model(chat_base, 20, keep="user"), chat_base.tokenizer
+    model, tok = kv_model(chat_base, 160, keep="user"), chat_base.tokenizer
     stm = told(model, TURNS[:1]).expand(-1, 2, -1, -1).clone()
     stm[:, 1] = model.initial_memory(1)[:, 0]  # one row remembers a turn, the other nothing
-    rows = [tok.preamble() + tok.interaction(*TURNS[1]), tok.preamble() + tok.interaction("Hi.", "Hello!")]
+    rows = [tok.interaction(*TURNS[1]), tok.interaction("Hi.", "Hello!")]
     ids, mask = left_pad(rows, tok.pad_id, torch.device("cpu"))
     batched = model.update_memory(stm, ids, mask)
     for r, row in enumerate(rows):
@@ -116,7 +130,7 @@ def test_a_batch_writes_what_each_row_writes_alone(chat_base):
 
 
 def test_the_engine_runs_it_and_its_state_never_grows(chat_base):
-    model = kv_model(chat_base, 16, keep="user")
+    model = kv_model(chat_base, 64, keep="user")
     engine = ReactiveEngine(model, keep_states=True)
     try:
         assert not engine.keeps_states  # the write is a pass over the finished turn
@@ -127,7 +141,7 @@ def test_the_engine_runs_it_and_its_state_never_grows(chat_base):
             session.wait()
             sizes.append(session.state_bytes())
         assert len(set(sizes)) == 1
-        assert len(kept_tokens(session.tensors["stm"])[0]) == 16
+        assert len(kept_tokens(session.tensors["stm"])[0]) == 64
     finally:
         engine.close()
 
@@ -144,8 +158,10 @@ def test_the_adapter_round_trip_and_bad_settings(chat_base, tmp_path):
     assert other.identity() != model.identity()  # the policy is part of what a saved session belongs to
     with pytest.raises(ValueError, match="keep must be one of"):
         ReactivePretrained(copy.deepcopy(chat_base), ReactiveConfig(memory_write="kv", keep="best"))
-    with pytest.raises(ValueError, match="stm_slots >= 1"):
-        ReactivePretrained(copy.deepcopy(chat_base), ReactiveConfig(memory_write="kv", stm_slots=0))
+    with pytest.raises(ValueError, match="above the 29 tokens of the template's preamble"):
+        ReactivePretrained(copy.deepcopy(chat_base), ReactiveConfig(memory_write="kv", stm_slots=29))
+    with pytest.raises(ValueError, match="no LoRA of its own"):
+        ReactivePretrained(copy.deepcopy(chat_base), ReactiveConfig(memory_write="kv", lora_rank=4))
 
 
 def test_rxt_wrap_writes_an_adapter_the_engines_take(chat_base, tmp_path, capsys):
@@ -153,9 +169,9 @@ def test_rxt_wrap_writes_an_adapter_the_engines_take(chat_base, tmp_path, capsys
 
     chat_base.save_pretrained(tmp_path / "base")
     out = tmp_path / "kv"
-    assert main(["wrap", str(tmp_path / "base"), "--out", str(out), "--slots", "24", "--keep", "surprise"]) == 0
+    assert main(["wrap", str(tmp_path / "base"), "--out", str(out), "--slots", "40", "--keep", "surprise"]) == 0
     model = ReactivePretrained.from_pretrained(out)
-    assert model.reactive.memory_write == "kv" and model.reactive.stm_slots == 24
+    assert model.reactive.memory_write == "kv" and model.reactive.stm_slots == 40
     assert main(["wrap", str(tmp_path / "base"), "--out", str(out)]) == 2  # never over a saved adapter
     assert "not empty" in capsys.readouterr().err
     assert main(["wrap", str(tmp_path / "nothing"), "--out", str(tmp_path / "kv2")]) == 2
@@ -173,13 +189,13 @@ def test_chat_shows_what_the_memory_keeps(chat_base):
 
     from rxt.chat import ChatREPL
 
-    engine = ReactiveEngine(kv_model(chat_base, 48, keep="user"))
+    engine = ReactiveEngine(kv_model(chat_base, 128, keep="user"))
     try:
         out = io.StringIO()
         script = io.StringIO("My cat is called Pellvick.\n/memory\n")
         ChatREPL(engine, SamplingConfig(temperature=0.0, max_new_tokens=4), stdin=script, stdout=out).run()
         shown = out.getvalue().split("slots kept:\n", 1)
-        assert shown[0].endswith("of 48 ") and "<|im_start|>user\nMy cat is called Pellvick.<|im_end|>" in shown[1]
+        assert shown[0].endswith("of 128 ") and "<|im_start|>user\nMy cat is called Pellvick.<|im_end|>" in shown[1]
     finally:
         engine.close()
 

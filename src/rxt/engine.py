@@ -343,8 +343,11 @@ class ReactiveEngine(ChatEngine):
 
     def turn_prompt(self, query: str) -> list[int]:
         """Each turn is an event of its own, so it opens with the template's preamble: an imported chat
-        model's system message, as every conversation it was trained on did (empty for rxt's template)."""
-        return self.tokenizer.preamble() + self.tokenizer.prompt(query)
+        model's system message, as every conversation it was trained on did (empty for rxt's template). A
+        model that holds the preamble in its memory says so (``turn_preamble``: a kv memory)."""
+        turn_preamble = getattr(self.model, "turn_preamble", None)
+        preamble = turn_preamble() if turn_preamble is not None else self.tokenizer.preamble()
+        return preamble + self.tokenizer.prompt(query)
 
     def check_session(self, session: Session) -> None:
         super().check_session(session)

@@ -46,6 +46,8 @@ from rxt.pretrained.kv_memory import (
     token_scores,
     unrotate,
 )
+
+SINK_SCORE = 1e9  # a kv memory's preamble slots: above any turn's score, never evicted
 from rxt.pretrained.lora import add_lora
 
 log = logging.getLogger(__name__)
@@ -170,8 +172,15 @@ class ReactivePretrained(nn.Module):
         if config.keep not in KEEP_POLICIES:
             raise ValueError(f"keep must be one of {KEEP_POLICIES}, got {config.keep!r}")
         self.kv_memory = kv
-        if self.kv_memory and config.stm_slots < 1:
-            raise ValueError(f"a kv memory needs stm_slots >= 1, got {config.stm_slots}")
+        if kv:
+            preamble = len(base.tokenizer.preamble()) if base.tokenizer is not None else 0
+            if config.stm_slots <= preamble:
+                raise ValueError(f"a kv memory needs stm_slots above the {preamble} tokens of the template's "
+                                 f"preamble, which it always keeps; got {config.stm_slots}")
+            if config.lora_rank:
+                raise ValueError("a kv memory takes no LoRA of its own: fold LoRA into the base (a "
+                                 "'kind: stateless-pretrained' recipe writes one) and wrap that")
+        self._kv_sink: torch.Tensor | None = None
         # the base's ModelConfig as `config` (context length, vocabulary: what engines and servers read), the
         # reactive additions as `reactive`
         self.config, self.reactive, self.base_sha256 = base.config, config, base_sha256
@@ -279,13 +288,13 @@ class ReactivePretrained(nn.Module):
         return not self.kv_memory
 
     def initial_memory(self, batch_size: int = 1) -> torch.Tensor:
-        """STM_0: (L_mem, B, S, D), one layer per memory layer; for a kv memory (L, B, S, 2*H_kv*d_head + 2),
-        one layer per decoder layer, every slot empty."""
+        """STM_0: (L_mem, B, S, D), one layer per memory layer; for a kv memory (L, B, S, 2*H_kv*d_head + 3),
+        one layer per decoder layer, every slot empty but the preamble's (``kv_sink``)."""
         if self.kv_memory:
-            attention = self.decoder.layers[0].self_attention
-            width = slot_width(attention.n_kv_heads, attention.d_head)
-            weight = self.base.embedding.weight
-            return weight.new_zeros(len(self.decoder.layers), batch_size, self.reactive.stm_slots, width)
+            sink = self.kv_sink()  # the preamble, at the front of every memory
+            memory = sink.new_zeros(*sink.shape[:1], batch_size, self.reactive.stm_slots, sink.shape[-1])
+            memory[:, :, memory.shape[2] - sink.shape[2]:] = sink
+            return memory
         return self.stm.initial(batch_size)
 
     def project_memory(self, stm: torch.Tensor) -> MemoryKV | KVRead:
@@ -404,8 +413,35 @@ class ReactivePretrained(nn.Module):
         template's preamble (the same system message every turn; it would only dilute the write)."""
         if key_mask is None:
             key_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        preamble = len(self.tokenizer.preamble()) if self.tokenizer is not None else 0
+        preamble = len(self.turn_preamble())
         return key_mask.bool() & (positions_from_mask(key_mask) >= preamble)
+
+    def turn_preamble(self) -> list[int]:
+        """What opens each turn before the user's message (ReactiveEngine.turn_prompt): the template's
+        preamble (a system message), every turn as every conversation the base was trained on opened with
+        it. A kv memory holds it once, at its front, where the base saw it (``kv_sink``): its turns open
+        with the message."""
+        if self.tokenizer is None or self.kv_memory:
+            return []
+        return self.tokenizer.preamble()
+
+    def kv_sink(self) -> torch.Tensor:
+        """A kv memory's first slots, never evicted: the preamble's keys and values at positions 0..p-1, as
+        the base computes them at the start of a conversation, (L, 1, p, W). The base's attention leans on
+        a conversation's first tokens (a sink); a memory whose front is some later token, which it never saw
+        there, reads badly (docs/kv-memory.md: SmolLM2's perplexity on chitchat without it)."""
+        weight = self.base.embedding.weight
+        if self._kv_sink is None or self._kv_sink.device != weight.device:
+            preamble = self.tokenizer.preamble() if self.tokenizer is not None else []
+            attention = self.decoder.layers[0].self_attention
+            empty = weight.new_zeros(len(self.decoder.layers), 1, 0, slot_width(attention.n_kv_heads, attention.d_head))
+            ids = torch.tensor([preamble], dtype=torch.long, device=weight.device)
+            with torch.no_grad():
+                turn, _ = self.turn_kv(empty, ids, torch.ones_like(ids, dtype=torch.bool))
+            extra = torch.stack([ids[0].to(weight.dtype), torch.full_like(ids[0], SINK_SCORE, dtype=weight.dtype),
+                                 torch.ones_like(ids[0], dtype=weight.dtype)], dim=-1)  # (p, 3)
+            self._kv_sink = torch.cat([turn, extra[None, None].expand(turn.shape[0], 1, -1, -1)], dim=-1)
+        return self._kv_sink
 
     def update_memory(
         self, stm: torch.Tensor, interaction_ids: torch.Tensor, key_mask: torch.Tensor | None = None
@@ -426,14 +462,24 @@ class ReactivePretrained(nn.Module):
         slots already held and the S best stay (rxt.pretrained.kv_memory.merge)."""
         if key_mask is None:
             key_mask = torch.ones_like(interaction_ids, dtype=torch.bool)
+        turn, surprisal = self.turn_kv(stm, interaction_ids, key_mask, self.reactive.keep == "surprise")
+        write_mask = self.turn_mask(interaction_ids, key_mask)
+        scores = token_scores(self.reactive.keep, self.user_mask(interaction_ids, write_mask), surprisal)
+        return merge(stm, turn, interaction_ids, scores, write_mask)
+
+    def turn_kv(
+        self, stm: torch.Tensor, input_ids: torch.Tensor, key_mask: torch.Tensor, surprisal: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The turn read after the kv memory ``stm``: every layer's keys (before RoPE) and values of its
+        tokens, (L, B, T, 2*H_kv*d_head), and, if asked, each token's -log p given what came before it."""
         read = self.project_memory(stm)
         caches = [KVCache() for _ in self.decoder.layers]
         positions = positions_from_mask(key_mask)
-        hidden, _ = self.run(interaction_ids, read, positions, key_mask, caches)
-        surprisal = None
-        if self.reactive.keep == "surprise":
+        hidden, _ = self.run(input_ids, read, positions, key_mask, caches)
+        surprise = None
+        if surprisal:
             logprobs = self.logits(hidden[:, :-1]).float().log_softmax(-1)
-            surprisal = F.pad(-logprobs.gather(-1, interaction_ids[:, 1:, None])[..., 0], (1, 0))
+            surprise = F.pad(-logprobs.gather(-1, input_ids[:, 1:, None])[..., 0], (1, 0))
         rotary, slots = self.decoder.layers[0].self_attention.rotary, read.slots
         turn = []
         for cache in caches:
@@ -441,9 +487,7 @@ class ReactivePretrained(nn.Module):
             b, h, t, d = keys.shape
             turn.append(torch.cat([keys.transpose(1, 2).reshape(b, t, h * d),
                                    cache.v[:, :, slots:].transpose(1, 2).reshape(b, t, h * d)], dim=-1))
-        write_mask = self.turn_mask(interaction_ids, key_mask)
-        scores = token_scores(self.reactive.keep, self.user_mask(interaction_ids, write_mask), surprisal)
-        return merge(stm, torch.stack(turn), interaction_ids, scores, write_mask)
+        return torch.stack(turn), surprise
 
     def _answer_header(self) -> tuple[list[int], int]:
         """The template's tokens between the user's message and the answer (ChatML: ``<|im_end|>\\n
@@ -483,7 +527,7 @@ class ReactivePretrained(nn.Module):
         """One turn as ReactiveEngine feeds it (the template's preamble, the prompt, the answer, the
         closing): input_ids (1, T) and answer_mask (1, T), True on the answer and closing tokens."""
         tok = self.tokenizer
-        prompt = tok.preamble() + tok.prompt(query)
+        prompt = self.turn_preamble() + tok.prompt(query)
         ids = prompt + tok.answer(answer) + tok.closing()
         return torch.tensor([ids]), torch.tensor([[i >= len(prompt) for i in range(len(ids))]])
 
