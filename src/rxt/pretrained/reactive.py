@@ -46,8 +46,6 @@ from rxt.pretrained.kv_memory import (
     token_scores,
     unrotate,
 )
-
-SINK_SCORE = 1e9  # a kv memory's preamble slots: above any turn's score, never evicted
 from rxt.pretrained.lora import add_lora
 
 log = logging.getLogger(__name__)
@@ -55,6 +53,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ReactiveConfig", "ReactivePretrained", "answer_loss", "base_sha256", "dialogue_loss"]
 
 ADAPTER_FORMAT = 1
+SINK_SCORE = 1e9  # a kv memory's preamble slots: above any turn's score, never evicted
 MEMORY_READS = ("new", "base")
 ADAPTER_WEIGHTS, ADAPTER_META = "adapter.safetensors", "adapter.json"
 MemoryKV = list[tuple[torch.Tensor, torch.Tensor] | None]  # per decoder layer; None where it has no memory
