@@ -160,3 +160,28 @@ def test_bad_recipes_are_refused(chat_base, tmp_path):
     with pytest.raises(ValueError, match="unknown keys \\['rnk'\\]"):
         load_history_recipe(path)
     assert heldout_fact_dialogues(recipe(base_dir).data)  # (the control's dialogues exist for this spec)
+
+
+def test_its_lora_ships_as_a_kv_adapter_on_the_unchanged_base(chat_base, make_tiny_model, tmp_path, capsys):
+    from rxt.pretrained.reactive import ReactivePretrained
+    from rxt.pretrained.wrap import wrap
+
+    base_dir = chat_base.save_pretrained(tmp_path / "base")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**dataclasses.asdict(recipe(base_dir, steps=2)), "kind": "stateless-pretrained"}))
+    assert main(["train", "--recipe", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    lora = tmp_path / "run" / "model" / "lora.safetensors"
+    kv = wrap(base_dir, tmp_path / "kv", 512, lora=lora)
+    assert kv.num_parameters(trainable_only=True) == sum(t.numel() for t in load_file(str(lora)).values())
+    # the memory holds the preamble; the turn read after it is the trained model's, LoRA merged or not
+    tok, merged = chat_base.tokenizer, load_model(tmp_path / "run" / "model")
+    ids = kv.interaction("Hello, I am Ada.", "Hi Ada.")[0]
+    full = merged.decode(torch.tensor([tok.preamble() + ids[0].tolist()]))[:, len(tok.preamble()):]
+    torch.testing.assert_close(kv.decode(ids, stm=kv.initial_memory(1)), full, atol=1e-4, rtol=1e-4)
+    loaded = ReactivePretrained.from_pretrained(tmp_path / "kv")  # the adapter: the LoRA in bf16
+    assert loaded.reactive.lora_rank == LORA.rank and loaded.reactive.memory_write == "kv"
+    other = make_tiny_model(StatelessLM, seed=7, **{k: getattr(chat_base.config, k) for k in ("n_layers",)})
+    other.tokenizer = tok
+    other_dir = other.save_pretrained(tmp_path / "other")
+    assert main(["wrap", str(other_dir), "--out", str(tmp_path / "kv2"), "--lora", str(lora)]) == 2
+    assert "trained on the base with sha256" in capsys.readouterr().err

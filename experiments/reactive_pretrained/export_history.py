@@ -26,7 +26,7 @@ def main() -> None:
     if missing:
         raise SystemExit(f"the checkpoint does not hold this recipe's LoRA weights: {sorted(missing)[:5]}")
     model.load_state_dict(state["model"], strict=False)
-    save_merged(model, args.out_dir)
+    save_merged(model, args.out_dir, recipe.lora, recipe.base)
     print(json.dumps({"step": state["step"], "tokens_seen": state["tokens_seen"], "out": args.out_dir}))
 
 

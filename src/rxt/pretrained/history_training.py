@@ -20,6 +20,8 @@ another dialogue's history of the same length (``other``) and no history at all 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 
 KIND = "stateless-pretrained"
 STAGE = "history"
+
+
+LORA_FILE = "lora.safetensors"  # in a run's DIR/model: the LoRA weights apart, for `rxt wrap --lora`
 
 
 @dataclass
@@ -164,9 +169,11 @@ def lora_state(model: StatelessLM) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if ".lora_" in k}
 
 
-def save_merged(model: StatelessLM, directory: str | Path) -> Path:
+def save_merged(model: StatelessLM, directory: str | Path, spec: LoRASpec | None = None, base: str = "") -> Path:
     """A plain stateless model directory with the LoRA update folded into the weights (the model in
-    training keeps its LoRA modules). Written beside and moved into place: a reader never sees half a model."""
+    training keeps its LoRA modules). Written beside and moved into place: a reader never sees half a model.
+    With ``spec`` and ``base`` it also holds the LoRA weights apart (``LORA_FILE``, naming the base by
+    sha256), which `rxt wrap BASE --lora FILE` ships as an adapter on the unchanged base."""
     merged = StatelessLM(model.config)
     merged.load_state_dict(merged_state_dict(model))
     merged.tokenizer = model.tokenizer
@@ -174,6 +181,13 @@ def save_merged(model: StatelessLM, directory: str | Path) -> Path:
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
+    if spec is not None:
+        from safetensors.torch import save_file
+
+        from rxt.pretrained.reactive import base_sha256
+
+        meta = {"lora": json.dumps(dataclasses.asdict(spec)), "base_sha256": base_sha256(base)}
+        save_file(lora_state(model), str(tmp / LORA_FILE), metadata=meta)
     shutil.rmtree(directory, ignore_errors=True)
     tmp.replace(directory)
     return directory
@@ -204,4 +218,4 @@ class HistoryRun(DialogueRun):
         return lora_state(model)
 
     def save(self, model: StatelessLM) -> None:
-        save_merged(model, self.output_dir)
+        save_merged(model, self.output_dir, self.recipe.lora, self.recipe.base)

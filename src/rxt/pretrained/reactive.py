@@ -176,9 +176,6 @@ class ReactivePretrained(nn.Module):
             if config.stm_slots <= preamble:
                 raise ValueError(f"a kv memory needs stm_slots above the {preamble} tokens of the template's "
                                  f"preamble, which it always keeps; got {config.stm_slots}")
-            if config.lora_rank:
-                raise ValueError("a kv memory takes no LoRA of its own: fold LoRA into the base (a "
-                                 "'kind: stateless-pretrained' recipe writes one) and wrap that")
         self._kv_sink: torch.Tensor | None = None
         # the base's ModelConfig as `config` (context length, vocabulary: what engines and servers read), the
         # reactive additions as `reactive`
@@ -594,6 +591,7 @@ class ReactivePretrained(nn.Module):
                 raise ValueError(f"{adapter_dir}: shape mismatch for {name}: file {tuple(tensor.shape)}, "
                                  f"config {tuple(expected[name].shape)}")
         model.load_state_dict(state, strict=False)  # copied into the fp32 parameters
+        model._kv_sink = None  # a kv memory's preamble is computed by the weights just loaded
         return model.to(device).eval()
 
     @classmethod
