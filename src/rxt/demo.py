@@ -1,8 +1,13 @@
-"""`make demo`: the shipped nano RxT in a scripted conversation, next to its stateless baseline.
+"""`make demo`: a reactive SmolLM2 in a hand-written conversation, next to the same model re-reading it all.
 
-Facts are told early and asked about many turns later. For each turn it prints both answers,
-whether a recall answer was right, and the per-turn latency of both models; then it writes a short
-report with a latency plot to out/demo/. Without a shipped model it runs a short attention benchmark.
+The shipped adapter (models/smollm2-kv: LoRA on SmolLM2-135M-Instruct and a 256-token memory of its own
+keys and values, docs/kv-memory.md) answers each message from the message and its memory; the stateless
+model is the same weights reading the whole history. Facts are told early, in words no training
+dialogue used, and asked about turns later. For each turn it prints both answers, whether a recall
+answer names the told value, and both models' time to the first token and prompt size; then it writes a
+short report with a latency plot to out/demo/. ``--nano`` plays the shipped nano RxT on a generated
+dialogue instead; without the SmolLM2 base (`rxt data fetch smollm2`, `rxt import gguf`, which `make
+demo` runs) it falls back to that.
 """
 
 from __future__ import annotations
@@ -14,13 +19,42 @@ from pathlib import Path
 import torch
 
 from rxt.baselines import StatelessEngine
-from rxt.data.dialogues import Dialogue, DialogueGenerator
+from rxt.data.dialogues import Dialogue, DialogueGenerator, Turn
 from rxt.engine import ReactiveEngine
 from rxt.evaluation.recall import is_correct
 from rxt.generation import SamplingConfig
 from rxt.model import ReactiveTransformer, StatelessLM
 
 MODELS = Path("models/nano")
+ADAPTER, BASE = Path("models/smollm2-kv"), Path("runs/smollm2")
+
+# (message, the told value a recall question must name, or None). Written for this demo, in everyday
+# words: none of it comes from the training generator or the memory suite.
+CONVERSATION = [
+    ("Hi! I'm Tomasz. I moved to Aberdeen last month for a new job.", None),
+    ("I work at the harbour, I drive one of the big container cranes.", None),
+    ("What is a good way to meet people in a new town?", None),
+    ("Oh, and I adopted a rescue dog on Saturday. She's called Biscuit.", None),
+    ("Any ideas for what to do on a rainy Sunday?", None),
+    ("In the evenings I've started learning the cello.", None),
+    ("Can you suggest a book for a long train ride?", None),
+    ("What is my dog called?", "Biscuit"),
+    ("Which city did I move to?", "Aberdeen"),
+    ("What instrument am I learning?", "cello"),
+    ("Do you remember my name?", "Tomasz"),
+]
+
+
+def handwritten_dialogue() -> Dialogue:
+    """CONVERSATION as a Dialogue: each question records how many turns back its value was told."""
+    turns = []
+    for number, (query, value) in enumerate(CONVERSATION):
+        check = None
+        if value is not None:
+            told = next(i for i, (q, _) in enumerate(CONVERSATION[:number]) if value.lower() in q.lower())
+            check = {"slot": "", "value": value, "distance": number - told}
+        turns.append(Turn(query, "", check))
+    return Dialogue("handwritten", turns)
 
 
 def scripted_dialogue(min_checks: int = 3, seed: int = 7) -> Dialogue:
@@ -130,25 +164,35 @@ def write_report(rows: list[dict], directory: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", default=str(MODELS), help="directory with rxt/ and baseline/")
+    parser.add_argument("--adapter", default=str(ADAPTER), help="a reactive adapter directory (SmolLM2 kv memory)")
+    parser.add_argument("--base", default=str(BASE), help="its base: the imported SmolLM2 directory")
+    parser.add_argument("--nano", action="store_true", help="play the shipped nano RxT instead")
+    parser.add_argument("--models", default=str(MODELS), help="with --nano: directory with rxt/ and baseline/")
     parser.add_argument("--out", default="out/demo")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # a fair, quiet comparison on a shared machine
-    models = Path(args.models)
-    if not (models / "rxt" / "model.safetensors").is_file():
-        print(f"no trained model under {models}: running the short attention benchmark instead")
-        from rxt.cli import main as cli
+    if not args.nano and (Path(args.base) / "config.json").is_file():
+        rxt, baseline, dialogue = smollm2_engines(Path(args.adapter), Path(args.base))
+        print(f"SmolLM2-135M-Instruct with a {rxt.model.reactive.stm_slots}-token memory of its own keys and values "
+              f"(adapter {args.adapter}) vs the same weights re-reading the whole conversation")
+    else:
+        if not args.nano:
+            print(f"no SmolLM2 base at {args.base} (`make demo` fetches and imports it): playing the nano RxT")
+        models = Path(args.models)
+        if not (models / "rxt" / "model.safetensors").is_file():
+            print(f"no trained model under {models}: running the short attention benchmark instead")
+            from rxt.cli import main as cli
 
-        return cli(["bench", "attention", "--seq-lens", "512", "1024", "--repeats", "3", "--passes", "fwd"])
-    rxt = ReactiveEngine(ReactiveTransformer.from_pretrained(models / "rxt"))
-    baseline = StatelessEngine(StatelessLM.from_pretrained(models / "baseline"), mode="full")
-    dialogue = scripted_dialogue()
-    print(
-        f"RxT nano ({rxt.model.num_parameters() / 1e6:.1f}M parameters) vs stateless baseline "
-        f"({baseline.model.num_parameters() / 1e6:.1f}M), dialogue {dialogue.id}, {len(dialogue.turns)} turns"
-    )
-    print("(a 2M-parameter model trained for ~40 minutes on one CPU core: its recall is still weak; the README has"
-          " the measured numbers)")
+            return cli(["bench", "attention", "--seq-lens", "512", "1024", "--repeats", "3", "--passes", "fwd"])
+        rxt = ReactiveEngine(ReactiveTransformer.from_pretrained(models / "rxt"))
+        baseline = StatelessEngine(StatelessLM.from_pretrained(models / "baseline"), mode="full")
+        dialogue = scripted_dialogue()
+        print(
+            f"RxT nano ({rxt.model.num_parameters() / 1e6:.1f}M parameters) vs stateless baseline "
+            f"({baseline.model.num_parameters() / 1e6:.1f}M), dialogue {dialogue.id}, {len(dialogue.turns)} turns"
+        )
+        print("(a 2M-parameter model trained for ~40 minutes on one CPU core: its recall is still weak; the README "
+              "has the measured numbers)")
     rows = play(rxt, baseline, dialogue)
     report = write_report(rows, Path(args.out))
     checks = [r for r in rows if "value" in r]
@@ -158,6 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     rxt.close()
     return 0
+
+
+def smollm2_engines(adapter: Path, base: Path) -> tuple[ReactiveEngine, StatelessEngine, Dialogue]:
+    """The shipped reactive adapter on its base, and the same weights (LoRA and all) as a stateless model."""
+    import copy
+
+    from rxt.pretrained.reactive import ReactivePretrained
+
+    model = ReactivePretrained.from_pretrained(adapter, base)
+    return ReactiveEngine(model), StatelessEngine(copy.deepcopy(model.base), mode="full"), handwritten_dialogue()
 
 
 if __name__ == "__main__":
