@@ -160,8 +160,6 @@ def test_the_adapter_round_trip_and_bad_settings(chat_base, tmp_path):
         ReactivePretrained(copy.deepcopy(chat_base), ReactiveConfig(memory_write="kv", keep="best"))
     with pytest.raises(ValueError, match="above the 29 tokens of the template's preamble"):
         ReactivePretrained(copy.deepcopy(chat_base), ReactiveConfig(memory_write="kv", stm_slots=29))
-    with pytest.raises(ValueError, match="no LoRA of its own"):
-        ReactivePretrained(copy.deepcopy(chat_base), ReactiveConfig(memory_write="kv", lora_rank=4))
 
 
 def test_rxt_wrap_writes_an_adapter_the_engines_take(chat_base, tmp_path, capsys):
