@@ -216,3 +216,48 @@ def test_the_demo_conversation_asks_what_it_told_and_counts_back_right():
     for number, turn in asked:
         told = CONVERSATION[number - turn.check["distance"]][0]
         assert turn.check["value"].lower() in told.lower() and turn.check["distance"] >= 4
+
+
+def test_the_serving_batcher_reads_and_writes_a_kv_memory(chat_base):
+    """Rows with memories of different fills join at different steps; each answers as the engine alone
+    does, and each session's memory is the one the engine writes."""
+    import asyncio
+    import time
+
+    from rxt.serve.batching import BatchScheduler
+    from rxt.serve.metrics import ServerMetrics
+    from rxt.serve.service import Turn
+
+    model = kv_model(chat_base, 96, keep="user")
+    engine = ReactiveEngine(model)
+    messages = ["My cat is called Pellvick.", "Hi.", "I live in Oslo and I like tea."]
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=5)
+    try:
+        sessions = [engine.new_session() for _ in messages]
+        alone = [engine.new_session() for _ in messages]
+        for group in (sessions, alone):  # different histories: one turn, two turns, none
+            engine.interact(group[0], TURNS[0][0], greedy)
+            for query, _ in TURNS[:2]:
+                engine.interact(group[1], query, greedy)
+        expected = [engine.interact(s, m, greedy).token_ids for s, m in zip(alone, messages, strict=True)]
+
+        async def scenario():
+            scheduler = BatchScheduler(engine, ServerMetrics(), max_batch=3, start=False)
+            futures = [None] * 3
+            for step in range(30):
+                for i in (i for i, at in enumerate([0, 1, 1]) if at == step):
+                    futures[i] = scheduler.submit(Turn(sessions[i].id, 0), sessions[i], messages[i], greedy,
+                                                  time.perf_counter())
+                scheduler.step()
+                await asyncio.sleep(0)
+            return [await f for f in futures]
+
+        answers = asyncio.run(scenario())
+        assert [a.token_ids for a in answers] == expected
+        for served, reference in zip(sessions, alone, strict=True):
+            served.wait()
+            reference.wait()
+            assert kept_tokens(served.tensors["stm"]) == kept_tokens(reference.tensors["stm"])
+            torch.testing.assert_close(served.tensors["stm"], reference.tensors["stm"], atol=1e-5, rtol=1e-5)
+    finally:
+        engine.close()
