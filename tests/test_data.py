@@ -367,3 +367,22 @@ def test_copy_turns_are_deterministic_unpredictable_and_never_held_out():
     assert all(2 <= len(t.query.split()) <= 6 for t in turns)
     assert not {w.lower() for w in words} & HELDOUT_WORDS
     assert len({t.query for t in turns}) == len(turns)  # no two drills alike: only copying predicts them
+
+
+def test_abstain_asks_about_a_fact_never_told():
+    from rxt.data.dialogues import NOT_TOLD_ANSWERS, DialogueGenerator
+
+    shape = dict(min_turns=6, max_turns=10, facts_per_dialogue=(1, 2))
+    plain, asking = DialogueGenerator(seed=3, **shape), DialogueGenerator(seed=3, abstain=1.0, **shape)
+    unknown = 0
+    for i in range(40):
+        a, b = plain[i], asking[i]
+        extra = [t for t in b.turns if t.answer in NOT_TOLD_ANSWERS]
+        assert len(extra) <= 1 and len(a.turns) == len(b.turns)
+        for turn in extra:
+            unknown += 1
+            told = {t.check["slot"] for t in b.turns if t.check and t.check["value"]}
+            assert turn.check["slot"] not in told and turn.check["value"] == ""
+    assert unknown >= 30
+    with pytest.raises(ValueError, match="abstain is a probability for the train split"):
+        DialogueGenerator(split="heldout", abstain=0.5)

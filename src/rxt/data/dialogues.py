@@ -255,9 +255,14 @@ def new_phrasing(query: str) -> bool:
     return new_template(query) is not None
 
 
+# Answers to a question about a fact never told (training only; the memory suite's own wordings differ).
+NOT_TOLD_ANSWERS = ["You have not told me that yet.", "I don't know: you didn't tell me.",
+                    "You never told me, so I can't say."]
+
+
 @dataclass
 class _Event:
-    kind: str  # "state" | "update" | "ask"
+    kind: str  # "state" | "update" | "ask" | "unknown" (a question about a fact never told)
     slot: str
     distance: int = 0
 
@@ -285,6 +290,7 @@ class DialogueGenerator:
         frames: float = 0.0,
         paraphrases: float = 0.0,
         distractors: float = 0.0,
+        abstain: float = 0.0,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -312,6 +318,10 @@ class DialogueGenerator:
         if not 0.0 <= distractors <= 1.0 or (distractors and split != "train"):
             raise ValueError(f"distractors is a probability for the train split, got {distractors} for {split!r}")
         self.distractors = distractors
+        # the share of dialogues that also ask about a fact they never told, answered that it was not told
+        if not 0.0 <= abstain <= 1.0 or (abstain and split != "train"):
+            raise ValueError(f"abstain is a probability for the train split, got {abstain} for {split!r}")
+        self.abstain = abstain
         self.values = values or split  # which pools the values come from: the split's own unless told
         self.pools = {name: split_pool(pool, self.values) for name, pool in POOLS.items()}
         self.small_talk = [(q.lstrip("*"), a) for q, a in SMALL_TALK if split == "heldout" or q[0] != "*"]
@@ -335,7 +345,7 @@ class DialogueGenerator:
         """The same kind of dialogues, at most ``max_turns`` long (recall distances < max_turns)."""
         return DialogueGenerator(self.seed, self.split, min(self.min_turns, max_turns), max_turns, max_turns - 1,
                                  self.facts_per_dialogue, self.update_prob, self.fresh_values, self.fresh_words,
-                                 self.values, self.frames, self.paraphrases, self.distractors)
+                                 self.values, self.frames, self.paraphrases, self.distractors, self.abstain)
 
     def _plan(self, rng: random.Random, n_turns: int) -> dict[int, _Event]:
         """Place (state, [update], ask) triples on distinct turns; distances uniform in 1..max_distance."""
@@ -357,6 +367,13 @@ class DialogueGenerator:
                     events[last] = _Event("update", slot)
                 events[ask] = _Event("ask", slot, distance)
                 break
+        # no draw at all without abstain: dialogues stay exactly what they were
+        if self.abstain and rng.random() < self.abstain:
+            told = {e.slot for e in events.values()}
+            untold = [f.slot for f in FACTS if f.slot not in told]
+            free = [t for t in range(1, n_turns) if t not in events]
+            if untold and free:
+                events[rng.choice(free)] = _Event("unknown", rng.choice(untold))
         return events
 
     def _value(self, rng: random.Random, fact: Fact, used: set[str]) -> str:
@@ -370,6 +387,9 @@ class DialogueGenerator:
 
     def _realise(self, rng: random.Random, event: _Event, values: dict[str, str], used: set[str]) -> Turn:
         fact = FACTS_BY_SLOT[event.slot]
+        if event.kind == "unknown":
+            query = self._framed(rng, rng.choice(split_templates(fact.questions, self.split)))
+            return Turn(query, rng.choice(NOT_TOLD_ANSWERS), {"slot": fact.slot, "value": "", "distance": 0})
         if event.kind == "ask":
             value = values[fact.slot]
             query = self._framed(rng, rng.choice(split_templates(fact.questions, self.split)))

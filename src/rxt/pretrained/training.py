@@ -59,6 +59,7 @@ class ReactiveDataSpec:
     frames: float = 0.3  # share of queries wrapped in an opener or closer
     paraphrases: float = 0.3  # share of statements in a training-only paraphrase
     recall_weight: float = 1.0  # loss weight of the answers to recall questions
+    abstain: float = 0.0  # share of fact dialogues that also ask about a fact never told (answer: not told)
     # share of fact values drawn as new words (never a held-out value), so that recall must copy the
     # value from memory rather than recall one of a few hundred training words; which kind of words
     fresh_values: float = 0.0
@@ -127,7 +128,7 @@ class ReactiveRecipe(DialogueRecipe):
 
 def validate_data(d: ReactiveDataSpec, t: StageSpec) -> None:
     """The data and optimisation checks every recipe on these dialogues shares (reactive and stateless)."""
-    for key in ("fact_share", "frames", "paraphrases", "fresh_values"):
+    for key in ("fact_share", "frames", "paraphrases", "fresh_values", "abstain"):
         if not 0.0 <= getattr(d, key) <= 1.0:
             raise ValueError(f"data.{key} is a share in [0, 1], got {getattr(d, key)}")
     if d.fact_share < 1.0 and not d.chitchat_file:
@@ -186,7 +187,8 @@ class TrainingDialogues:
         self.spec = spec
         self.facts = DialogueGenerator(spec.seed, "train", spec.min_turns, spec.max_turns, spec.max_distance,
                                        tuple(spec.facts_per_dialogue), fresh_values=spec.fresh_values,
-                                       fresh_words=spec.fresh_words, frames=spec.frames, paraphrases=spec.paraphrases)
+                                       fresh_words=spec.fresh_words, frames=spec.frames, paraphrases=spec.paraphrases,
+                                       abstain=spec.abstain)
         self.chitchat = (DialogueList.read(spec.chitchat_file, spec.chitchat_max_turns, spec.chitchat_max_chars)
                          if spec.chitchat_file else None)
 
