@@ -133,7 +133,7 @@ def test_the_engine_runs_it_and_its_state_never_grows(chat_base):
     model = kv_model(chat_base, 64, keep="user")
     engine = ReactiveEngine(model, keep_states=True)
     try:
-        assert not engine.keeps_states  # the write is a pass over the finished turn
+        assert engine.keeps_states  # the write takes the turn's keys and values from generation's cache
         session = engine.new_session()
         sizes = []
         for query, _ in TURNS:
@@ -261,3 +261,40 @@ def test_the_serving_batcher_reads_and_writes_a_kv_memory(chat_base):
             torch.testing.assert_close(served.tensors["stm"], reference.tensors["stm"], atol=1e-5, rtol=1e-5)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(temperature=0.0, max_new_tokens=6),
+                                      SamplingConfig(temperature=1.0, top_k=20, seed=5, max_new_tokens=6)],
+                         ids=["greedy", "sampled"])
+def test_the_memory_from_generations_cache_equals_the_second_pass(chat_base, sampling):
+    """Sessions of different fills answer together, some rows stopping early, some cut by the budget; the
+    memory each writes from the cache is the one a second pass over its finished turn writes, and each
+    turn's tokens are read once."""
+    model = kv_model(chat_base, 80, keep="user")
+    kept, second = ReactiveEngine(model), ReactiveEngine(model, keep_states=False)
+    assert kept.keeps_states and not second.keeps_states
+    assert not ReactiveEngine(kv_model(chat_base, 80, keep="surprise")).keeps_states  # needs the logits
+    from test_turn_states import stop_rows_at
+
+    stop_rows_at(model, {8: [0], 16: [1]})  # turn 2's row 0 and turn 3's row 1 end early at [EOT]
+    try:
+        sessions, lengths = [kept.new_session() for _ in range(3)], []
+        for turn in range(3):
+            queries = [TURNS[(turn + r) % 3][0] for r in range(3)][: 1 + turn]  # 1, 2, then 3 rows
+            before = torch.cat([s.tensors["stm"] for s in sessions[: len(queries)]], dim=1)
+            answers = kept.interact_batch(sessions[: len(queries)], queries, sampling)
+            interactions = [kept.turn_prompt(q) + kept.tokenizer.close(a.token_ids)
+                            for q, a in zip(queries, answers, strict=True)]
+            with torch.no_grad():
+                reference = model.update_memory(before, *left_pad(interactions, kept.tokenizer.pad_id))
+            for r, session in enumerate(sessions[: len(queries)]):
+                session.wait()
+                assert kept_tokens(session.tensors["stm"]) == kept_tokens(reference[:, r : r + 1])
+                torch.testing.assert_close(session.tensors["stm"], reference[:, r : r + 1], atol=1e-5, rtol=1e-5)
+            assert [a.stats.tokens_processed for a in answers] == [len(i) for i in interactions]
+            lengths.append([len(a.token_ids) for a in answers])
+        assert any(n < 6 for n in lengths[1]) and any(n < 6 for n in lengths[2]) and 6 in lengths[2]
+        assert len(kept_tokens(sessions[0].tensors["stm"])[0]) == 80  # full: the ranking chose what stayed
+    finally:
+        kept.close()
+        second.close()

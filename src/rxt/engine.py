@@ -24,6 +24,7 @@ from rxt.attention import KVCache
 from rxt.fast import ANSWER_RESERVE, fast_decoder
 from rxt.generation import SamplingConfig, Step, decode_tokens, left_pad
 from rxt.model import ReactiveTransformer, positions_from_mask
+from rxt.pretrained.kv_memory import KVRead, as_prefix
 from rxt.session import Session, SessionStateError, TurnStats
 from rxt.tokenizer import Tokenizer
 from rxt.turn_states import StateRecorder, TurnStates, ed_from_generation, write_memory
@@ -374,6 +375,8 @@ class ReactiveEngine(ChatEngine):
         with torch.no_grad():
             memory_kv = self.model.project_memory(stm)  # once per turn, reused by every step
         caches = [KVCache() for _ in self.model.decoder.layers]
+        if isinstance(memory_kv, KVRead):  # a kv memory is read as the front of each row's cache
+            memory_kv, mask, positions = as_prefix(memory_kv, caches, mask, positions)
         recorder = StateRecorder(mask, caches, memory_kv) if self.keeps_states and not all_logits else None
 
         def step(tokens: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

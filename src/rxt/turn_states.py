@@ -84,7 +84,10 @@ def write_memory(
     """STM_t from the kept states: run each row's tokens that generation never ran (with the turn's KV
     cache, reading STM_{t-1} as generation did), then consolidate the concatenation, laid out as
     ``update_memory`` lays out the left-padded interactions. Returns the new STM (L_mem, B, S, D) and
-    how many tokens each row ran here."""
+    how many tokens each row ran here. A kv memory takes its turn's keys and values from the cache
+    instead (``write_kept``)."""
+    if getattr(model, "kv_memory", False):
+        return model.write_kept(stm, kept, interactions, pad_id)
     tails = [ids[kept.kept(r):] for r, ids in enumerate(interactions)]
     if any(not tail for tail in tails):
         raise ValueError("every turn ends with a closing that generation never ran; a row has no tokens left")

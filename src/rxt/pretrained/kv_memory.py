@@ -28,7 +28,7 @@ import torch
 from rxt.attention import KVCache, RotaryEmbedding
 from rxt.memory import positions_from_mask
 
-__all__ = ["KEEP_POLICIES", "KVRead", "kept_tokens", "merge", "read_memory", "token_scores", "unrotate"]
+__all__ = ["KEEP_POLICIES", "KVRead", "as_prefix", "kept_tokens", "merge", "read_memory", "token_scores", "unrotate"]
 
 KEEP_POLICIES = ("recent", "user", "surprise")
 RECENT_BONUS = 1e6  # added to the finished turn's scores while it is written: it is never the first to go
@@ -52,6 +52,16 @@ class KVRead:
         """Put the memory at the front of each layer's (empty) self-attention cache."""
         for cache, k, v in zip(caches, self.keys, self.values, strict=True):
             cache.k, cache.v = k, v
+
+
+def as_prefix(
+    read: KVRead, caches: list[KVCache], key_mask: torch.Tensor, positions: torch.Tensor
+) -> tuple[list[None], torch.Tensor, torch.Tensor]:
+    """Put the memory at the front of each layer's empty cache, for a loop that then decodes with no
+    memory of its own: no memory K/V, the key mask with the memory's fill mask in front, the turn's
+    positions after the filled slots. (The engine's turn and the serving batcher read it this way.)"""
+    read.fill(caches)
+    return [None] * len(caches), torch.cat([read.mask, key_mask.bool()], dim=1), positions + read.counts[:, None]
 
 
 def slot_width(n_kv_heads: int, d_head: int) -> int:

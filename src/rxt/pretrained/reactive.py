@@ -34,6 +34,7 @@ from torch import nn
 
 from rxt.attention import Attention, KVCache
 from rxt.config import ModelConfig
+from rxt.generation import left_pad
 from rxt.layers import RMSNorm
 from rxt.memory import MemoryAttention, ShortTermMemory, positions_from_mask
 from rxt.model import StatelessLM, _init_weights
@@ -280,8 +281,9 @@ class ReactivePretrained(nn.Module):
     def ed_from_generation(self) -> bool:
         """ED_t are the decoder's own states over the turn: generation computes them, and ReactiveEngine
         writes the memory from the ones it kept (rxt.turn_states) instead of re-running the turn. A kv
-        memory is written by a pass over the finished turn (update_memory) instead."""
-        return not self.kv_memory
+        memory takes the turn's keys and values from generation's cache (``write_kept``), but for the
+        "surprise" policy, which needs each token's surprisal: a pass over the finished turn gives it."""
+        return not self.kv_memory or self.reactive.keep != "surprise"
 
     def initial_memory(self, batch_size: int = 1) -> torch.Tensor:
         """STM_0: (L_mem, B, S, D), one layer per memory layer; for a kv memory (L, B, S, 2*H_kv*d_head + 3),
@@ -462,6 +464,38 @@ class ReactivePretrained(nn.Module):
         write_mask = self.turn_mask(interaction_ids, key_mask)
         scores = token_scores(self.reactive.keep, self.user_mask(interaction_ids, write_mask), surprisal)
         return merge(stm, turn, interaction_ids, scores, write_mask)
+
+    def write_kept(
+        self, stm: torch.Tensor, kept: Any, interactions: list[list[int]], pad_id: int
+    ) -> tuple[torch.Tensor, list[int]]:
+        """A kv memory's write from what generation left (rxt.turn_states.TurnStates): its cache holds the
+        memory's slots and the turn's tokens it ran, under ``kept.key_mask``. Only the rest of each turn
+        (the closing, a cut answer's last token) runs here; the turn's keys and values are taken from the
+        cache, in order. Returns STM_t and how many tokens each row ran."""
+        counts = (stm[0, :, :, -1] > 0.5).sum(-1)  # (B,) the memory's filled slots, at the front of the cache
+        seen = kept.key_mask.long().sum(-1) - counts  # the turn's tokens generation ran
+        tails = [ids[int(seen[r]):] for r, ids in enumerate(interactions)]
+        if any(not tail for tail in tails):
+            raise ValueError("every turn ends with a closing that generation never ran; a row has no tokens left")
+        tail_ids, tail_mask = left_pad(tails, pad_id, stm.device)
+        key_mask = torch.cat([kept.key_mask.bool(), tail_mask.bool()], dim=1)
+        positions = (counts + seen)[:, None] + positions_from_mask(tail_mask)
+        self.run(tail_ids, [None] * len(self.decoder.layers), positions, key_mask, kept.caches)
+        ids, mask = left_pad(interactions, pad_id, stm.device)
+        rotary, width = self.decoder.layers[0].self_attention.rotary, ids.shape[1]
+        turn = stm.new_zeros(stm.shape[0], stm.shape[1], width, stm.shape[-1] - 3)
+        for r in range(stm.shape[1]):
+            columns = key_mask[r].nonzero()[:, 0][int(counts[r]):]  # the turn's tokens, in order
+            n = columns.shape[0]
+            positions = (counts[r] + torch.arange(n, device=stm.device))[None]
+            for layer, cache in enumerate(kept.caches):
+                keys = unrotate(rotary, cache.k[r : r + 1, :, columns], positions)[0]  # (H_kv, n, d_head)
+                values = cache.v[r, :, columns]
+                turn[layer, r, width - n:] = torch.cat([keys.transpose(0, 1).reshape(n, -1),
+                                                        values.transpose(0, 1).reshape(n, -1)], dim=-1)
+        write_mask = self.turn_mask(ids, mask)
+        scores = token_scores(self.reactive.keep, self.user_mask(ids, write_mask))
+        return merge(stm, turn, ids, scores, write_mask), [len(t) for t in tails]
 
     def turn_kv(
         self, stm: torch.Tensor, input_ids: torch.Tensor, key_mask: torch.Tensor, surprisal: bool = False

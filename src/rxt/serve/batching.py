@@ -32,7 +32,7 @@ from rxt.attention import KVCache
 from rxt.engine import AnswerEvent, ReactiveEngine, TokenEvent
 from rxt.generation import SamplingConfig, left_pad, sample_next
 from rxt.model import positions_from_mask
-from rxt.pretrained.kv_memory import KVRead
+from rxt.pretrained.kv_memory import KVRead, as_prefix
 from rxt.serve.metrics import ServerMetrics
 from rxt.session import Session
 from rxt.turn_states import MemoryKV, TurnStates
@@ -243,10 +243,7 @@ class BatchScheduler:
         joining.rows, joining.caches = rows, [KVCache() for _ in self.engine.model.decoder.layers]
         joining.memory_kv = self.engine.model.project_memory(stm)
         if isinstance(joining.memory_kv, KVRead):  # a kv memory is read as the front of each row's cache
-            read = joining.memory_kv
-            read.fill(joining.caches)
-            mask, positions = torch.cat([read.mask, mask.bool()], dim=1), positions + read.counts[:, None]
-            joining.memory_kv = [None] * len(joining.caches)
+            joining.memory_kv, mask, positions = as_prefix(joining.memory_kv, joining.caches, mask, positions)
         hidden = self._forward(joining, ids, mask, positions)  # (B, T, D)
         joining.logits = self.engine.model.logits(hidden[:, -1])  # only the last position predicts the first token
         joining.key_mask, joining.next_position = mask, positions[:, -1] + 1
