@@ -116,8 +116,9 @@ def test_merge_keeps_the_best_scores_in_order_ties_to_the_newer():
     assert kept_tokens(partial) == [[13, 14]] and partial[0, 0, 0, -1] == 0  # right-aligned, one slot empty
 
 
-def test_a_batch_writes_what_each_row_writes_alone(chat_base):
-    model, tok = kv_model(chat_base, 160, keep="user"), chat_base.tokenizer
+@pytest.mark.parametrize("keep", ["user", "surprise"])
+def test_a_batch_writes_what_each_row_writes_alone(chat_base, keep):
+    model, tok = kv_model(chat_base, 160, keep=keep), chat_base.tokenizer
     stm = told(model, TURNS[:1]).expand(-1, 2, -1, -1).clone()
     stm[:, 1] = model.initial_memory(1)[:, 0]  # one row remembers a turn, the other nothing
     rows = [tok.interaction(*TURNS[1]), tok.interaction("Hi.", "Hello!")]
@@ -218,7 +219,8 @@ def test_the_demo_conversation_asks_what_it_told_and_counts_back_right():
         assert turn.check["value"].lower() in told.lower() and turn.check["distance"] >= 4
 
 
-def test_the_serving_batcher_reads_and_writes_a_kv_memory(chat_base):
+@pytest.mark.parametrize("keep", ["user", "surprise"])
+def test_the_serving_batcher_reads_and_writes_a_kv_memory(chat_base, keep):
     """Rows with memories of different fills join at different steps; each answers as the engine alone
     does, and each session's memory is the one the engine writes."""
     import asyncio
@@ -228,7 +230,7 @@ def test_the_serving_batcher_reads_and_writes_a_kv_memory(chat_base):
     from rxt.serve.metrics import ServerMetrics
     from rxt.serve.service import Turn
 
-    model = kv_model(chat_base, 96, keep="user")
+    model = kv_model(chat_base, 96, keep=keep)
     engine = ReactiveEngine(model)
     messages = ["My cat is called Pellvick.", "Hi.", "I live in Oslo and I like tea."]
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=5)
@@ -263,17 +265,17 @@ def test_the_serving_batcher_reads_and_writes_a_kv_memory(chat_base):
         engine.close()
 
 
+@pytest.mark.parametrize("keep", ["user", "surprise"])
 @pytest.mark.parametrize("sampling", [SamplingConfig(temperature=0.0, max_new_tokens=6),
                                       SamplingConfig(temperature=1.0, top_k=20, seed=5, max_new_tokens=6)],
                          ids=["greedy", "sampled"])
-def test_the_memory_from_generations_cache_equals_the_second_pass(chat_base, sampling):
+def test_the_memory_from_generations_cache_equals_the_second_pass(chat_base, sampling, keep):
     """Sessions of different fills answer together, some rows stopping early, some cut by the budget; the
     memory each writes from the cache is the one a second pass over its finished turn writes, and each
     turn's tokens are read once."""
-    model = kv_model(chat_base, 80, keep="user")
+    model = kv_model(chat_base, 80, keep=keep)
     kept, second = ReactiveEngine(model), ReactiveEngine(model, keep_states=False)
     assert kept.keeps_states and not second.keeps_states
-    assert not ReactiveEngine(kv_model(chat_base, 80, keep="surprise")).keeps_states  # needs the logits
     from test_turn_states import stop_rows_at
 
     stop_rows_at(model, {8: [0], 16: [1]})  # turn 2's row 0 and turn 3's row 1 end early at [EOT]

@@ -27,7 +27,7 @@ from rxt.model import ReactiveTransformer, positions_from_mask
 from rxt.pretrained.kv_memory import KVRead, as_prefix
 from rxt.session import Session, SessionStateError, TurnStats
 from rxt.tokenizer import Tokenizer
-from rxt.turn_states import StateRecorder, TurnStates, ed_from_generation, write_memory
+from rxt.turn_states import StateRecorder, TurnStates, ed_from_generation, needs_surprisal, write_memory
 
 log = logging.getLogger(__name__)
 
@@ -385,8 +385,11 @@ class ReactiveEngine(ChatEngine):
                     tokens, memory_kv=memory_kv, key_mask=key_mask, positions=positions, caches=caches
                 )
             hidden, states = self.model.run(tokens, memory_kv, positions, key_mask, caches)
+            logits = self.model.logits(hidden)
+            if not recorder.calls and needs_surprisal(self.model):
+                recorder.add_surprisal(logits, tokens)
             recorder.add(states)
-            return self.model.logits(hidden)
+            return logits
 
         return TurnPlan(ids, mask, positions, step, [len(p) for p in prompts], recorder)
 

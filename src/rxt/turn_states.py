@@ -28,6 +28,21 @@ __all__ = ["MemoryKV", "StateRecorder", "TurnStates", "ed_from_generation", "wri
 MemoryKV = list[tuple[torch.Tensor, torch.Tensor] | None]  # per decoder layer; None where it reads no memory
 
 
+def needs_surprisal(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s memory write wants the prompt tokens' surprisal from the prefill."""
+    return bool(getattr(model, "needs_surprisal", False))
+
+
+def prompt_surprisal(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Per row, each real prompt token's -log p from the prefill's logits (B, T, V) over ids (B, T)
+    under mask (B, T); the first token's is 0 (what came before it is the memory, not scored here)."""
+    logprobs = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    surprisal = torch.nn.functional.pad(-logprobs, (1, 0))
+    first = mask.long().argmax(-1)  # the first real token of each left-padded row
+    surprisal[torch.arange(ids.shape[0]), first] = 0.0
+    return [surprisal[r, mask[r].bool()] for r in range(ids.shape[0])]
+
+
 def ed_from_generation(model: torch.nn.Module) -> bool:
     """Whether ``model``'s memory can be written from the states its generation computed."""
     return bool(getattr(model, "ed_from_generation", False))
@@ -42,6 +57,9 @@ class TurnStates:
     key_mask: torch.Tensor  # (B, S): the cache columns that hold each row's turn tokens (not padding, not
     # tokens fed after a row had stopped)
     memory_kv: MemoryKV  # the memory the turn read: STM_{t-1}'s cross-attention K/V, B rows
+    # per row, each prompt token's -log p given what came before it (the prefill's logits), for a model
+    # that ranks what it keeps by surprise (``needs_surprisal``); None otherwise
+    surprisal: list[torch.Tensor] | None = None
 
     def kept(self, row: int) -> int:
         """How many of the row's turn tokens generation ran (K_r); the next one sits at position K_r."""
@@ -55,9 +73,14 @@ class StateRecorder:
     def __init__(self, prompt_mask: torch.Tensor, caches: list[KVCache], memory_kv: MemoryKV):
         self.prompt_mask, self.caches, self.memory_kv = prompt_mask, caches, memory_kv
         self.calls: list[list[torch.Tensor]] = []  # per forward call, per memory layer: (B, T, D)
+        self.surprisal: list[torch.Tensor] | None = None
 
     def add(self, states: list[torch.Tensor]) -> None:
         self.calls.append(states)
+
+    def add_surprisal(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        """The prefill's logits over the prompt ``ids`` (B, T): keep each prompt token's surprisal."""
+        self.surprisal = prompt_surprisal(logits, ids, self.prompt_mask[:, -ids.shape[1]:])
 
     def turn(self, answers: list[list[int]], end_id: int) -> TurnStates:
         """The kept states of the finished turns. ``answers``: each row's sampled tokens. Every decode
@@ -75,7 +98,8 @@ class StateRecorder:
                 decoded = [step[layer][r, 0] for step in steps[: int(kept_steps[r])]]
                 per_layer.append(torch.cat([prefill[layer][r, self.prompt_mask[r]], *[d[None] for d in decoded]]))
             rows.append(per_layer)
-        return TurnStates(rows, self.caches, torch.cat([self.prompt_mask, step_mask], dim=1), self.memory_kv)
+        return TurnStates(rows, self.caches, torch.cat([self.prompt_mask, step_mask], dim=1), self.memory_kv,
+                          self.surprisal)
 
 
 def write_memory(

@@ -48,6 +48,7 @@ from rxt.pretrained.kv_memory import (
     unrotate,
 )
 from rxt.pretrained.lora import add_lora
+from rxt.turn_states import prompt_surprisal
 
 log = logging.getLogger(__name__)
 
@@ -281,9 +282,13 @@ class ReactivePretrained(nn.Module):
     def ed_from_generation(self) -> bool:
         """ED_t are the decoder's own states over the turn: generation computes them, and ReactiveEngine
         writes the memory from the ones it kept (rxt.turn_states) instead of re-running the turn. A kv
-        memory takes the turn's keys and values from generation's cache (``write_kept``), but for the
-        "surprise" policy, which needs each token's surprisal: a pass over the finished turn gives it."""
-        return not self.kv_memory or self.reactive.keep != "surprise"
+        memory takes the turn's keys and values from generation's cache (``write_kept``)."""
+        return True
+
+    @property
+    def needs_surprisal(self) -> bool:
+        """The "surprise" policy ranks the user's tokens by their surprisal: generation keeps the prefill's."""
+        return self.kv_memory and self.reactive.keep == "surprise"
 
     def initial_memory(self, batch_size: int = 1) -> torch.Tensor:
         """STM_0: (L_mem, B, S, D), one layer per memory layer; for a kv memory (L, B, S, 2*H_kv*d_head + 3),
@@ -494,7 +499,15 @@ class ReactivePretrained(nn.Module):
                 turn[layer, r, width - n:] = torch.cat([keys.transpose(0, 1).reshape(n, -1),
                                                         values.transpose(0, 1).reshape(n, -1)], dim=-1)
         write_mask = self.turn_mask(ids, mask)
-        scores = token_scores(self.reactive.keep, self.user_mask(ids, write_mask))
+        surprisal = None
+        if self.needs_surprisal:  # the prompt's tokens', from the prefill; the user's message is in the prompt
+            if kept.surprisal is None:
+                raise ValueError("this memory ranks by surprise: the turn's prompt surprisal was not kept")
+            surprisal = torch.zeros(ids.shape, device=stm.device)
+            for r, values in enumerate(kept.surprisal):
+                start = width - len(interactions[r])
+                surprisal[r, start : start + values.shape[0]] = values
+        scores = token_scores(self.reactive.keep, self.user_mask(ids, write_mask), surprisal)
         return merge(stm, turn, ids, scores, write_mask), [len(t) for t in tails]
 
     def turn_kv(
@@ -507,9 +520,10 @@ class ReactivePretrained(nn.Module):
         positions = positions_from_mask(key_mask)
         hidden, _ = self.run(input_ids, read, positions, key_mask, caches)
         surprise = None
-        if surprisal:
-            logprobs = self.logits(hidden[:, :-1]).float().log_softmax(-1)
-            surprise = F.pad(-logprobs.gather(-1, input_ids[:, 1:, None])[..., 0], (1, 0))
+        if surprisal:  # a row's first token (after left padding) has nothing of the turn before it: 0
+            surprise = torch.zeros(input_ids.shape, device=input_ids.device)
+            for r, values in enumerate(prompt_surprisal(self.logits(hidden), input_ids, key_mask)):
+                surprise[r, key_mask[r].bool()] = values
         rotary, slots = self.decoder.layers[0].self_attention.rotary, read.slots
         turn = []
         for cache in caches:

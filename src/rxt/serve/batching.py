@@ -35,7 +35,7 @@ from rxt.model import positions_from_mask
 from rxt.pretrained.kv_memory import KVRead, as_prefix
 from rxt.serve.metrics import ServerMetrics
 from rxt.session import Session
-from rxt.turn_states import MemoryKV, TurnStates
+from rxt.turn_states import MemoryKV, TurnStates, needs_surprisal, prompt_surprisal
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class Row:
     generator: torch.Generator | None = None
     states: list[list[torch.Tensor]] = field(default_factory=list)  # per memory layer: (T, D) pieces of the
     # states of the turn's tokens run so far (engines that keep them)
+    surprisal: torch.Tensor | None = None  # the prompt tokens' -log p, for a memory that ranks by surprise
 
     def ended(self, end_id: int) -> bool:
         return bool(self.answer) and (self.answer[-1] == end_id or len(self.answer) >= self.sampling.max_new_tokens)
@@ -148,7 +149,9 @@ class RunningBatch:
         index = torch.tensor(indices, device=self.key_mask.device)
         caches = [KVCache(cache.k[index], cache.v[index]) for cache in self.caches]
         states = [[torch.cat(pieces) for pieces in self.rows[i].states] for i in indices]
-        return TurnStates(states, caches, self.key_mask[index], _memory_rows(self.memory_kv, index))
+        surprisal = [self.rows[i].surprisal for i in indices]
+        return TurnStates(states, caches, self.key_mask[index], _memory_rows(self.memory_kv, index),
+                          None if any(s is None for s in surprisal) else surprisal)
 
 
 def _memory_rows(memory_kv: MemoryKV, index: torch.Tensor) -> MemoryKV:
@@ -246,6 +249,10 @@ class BatchScheduler:
             joining.memory_kv, mask, positions = as_prefix(joining.memory_kv, joining.caches, mask, positions)
         hidden = self._forward(joining, ids, mask, positions)  # (B, T, D)
         joining.logits = self.engine.model.logits(hidden[:, -1])  # only the last position predicts the first token
+        if self.engine.keeps_states and needs_surprisal(self.engine.model):  # the prompt's, for the write
+            turn_mask = mask[:, -ids.shape[1]:]
+            for row, values in zip(rows, prompt_surprisal(self.engine.model.logits(hidden), ids, turn_mask), strict=True):
+                row.surprisal = values
         joining.key_mask, joining.next_position = mask, positions[:, -1] + 1
         now = time.perf_counter()
         for row in rows:
