@@ -243,3 +243,12 @@ def test_bad_input_is_a_clear_error(model_dirs, capsys, change, message):
     argv = [str(model_dirs / "baseline") if a == "BASE" else a for a in argv]
     assert main(argv) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_every_sentence_the_training_generator_writes_is_known_to_the_scorer():
+    """An answer made only of the training generator's words names no value: its not-told answers too."""
+    from rxt.data.dialogues import NOT_TOLD_ANSWERS
+    from rxt.evaluation.memory import names_a_value
+
+    assert not any(names_a_value(answer, "How do I earn money?") for answer in NOT_TOLD_ANSWERS)
+    assert names_a_value("You earn money as a quillwright.", "How do I earn money?")

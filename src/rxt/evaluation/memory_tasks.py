@@ -386,12 +386,13 @@ def known_words() -> frozenset[str]:
     keys and objects) and of the training generator: the words a dialogue is made of, values aside.
     An answer that names a word outside them (and outside its question) names a value from elsewhere,
     or one it made up."""
-    from rxt.data.dialogues import CLOSERS, OPENERS
+    from rxt.data.dialogues import CLOSERS, NOT_TOLD_ANSWERS, OPENERS
     from rxt.data.phrasings import FACTS, PARAPHRASES, SMALL_TALK
 
     suite = [s for half in HALVES for s in sentences(load_suite(half))]
     generator = [*(q for q, _ in SMALL_TALK), *(a for _, answers in SMALL_TALK for a in answers),
                  *(t for f in FACTS for part in (f.statements, f.updates, f.questions, f.answers, f.acks)
                    for t in part),
-                 *(t for templates in PARAPHRASES.values() for t in templates), *OPENERS, *CLOSERS]
+                 *(t for templates in PARAPHRASES.values() for t in templates), *OPENERS, *CLOSERS,
+                 *NOT_TOLD_ANSWERS]
     return frozenset(w.lower() for s in suite + generator for w in WORD.findall(s.replace("{v}", "")))
