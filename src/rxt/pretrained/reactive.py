@@ -558,14 +558,6 @@ class ReactivePretrained(nn.Module):
                     user[b, start + closing :] = False
                     break
         return user
-        width = len(header)
-        for b in range(input_ids.shape[0]):
-            row = input_ids[b].tolist()
-            for start in range(len(row) - width + 1):
-                if write_mask[b, start] and row[start : start + width] == header:
-                    user[b, start + width :] = False
-                    break
-        return user
 
     def interaction(self, query: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One turn as ReactiveEngine feeds it (the template's preamble, the prompt, the answer, the
