@@ -83,7 +83,8 @@ def test_a_small_memory_keeps_the_last_tokens_at_a_fixed_size(base):
 def test_user_keeps_the_users_messages_before_the_models_answers(chat_base):
     tok = chat_base.tokenizer
     turns = [*TURNS[:2], ("Thanks.", "You are welcome.")]
-    header, closing = kv_model(chat_base, 512).kv_header  # "<|im_end|>\n<|im_start|>assistant\n", 2 of it the user's
+    memory = kv_model(chat_base, 512).kv_memory
+    header, closing = memory.header, memory.closing  # "<|im_end|>\n<|im_start|>assistant\n", 2 of it the user's
     user = [len(tok.prompt(q)) - (len(header) - closing) for q, _ in turns[:2]]  # "<|im_start|>user\n...<|im_end|>\n"
     # the preamble (always kept), both older messages, and the whole last turn
     slots = len(tok.preamble()) + sum(user) + len(tok.interaction(*turns[2]))

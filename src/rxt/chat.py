@@ -154,7 +154,7 @@ class ChatREPL:
     def show_memory(self, _: str = "") -> None:
         """What a kv memory keeps, as text; other memories hold vectors, not tokens."""
         model = self.engine.model
-        if not getattr(model, "kv_memory", False):
+        if getattr(model, "kv_memory", None) is None:
             self.write("this model's memory holds vectors, not tokens: /memory shows a kv memory (rxt wrap)\n")
             return
         from rxt.pretrained.kv_memory import kept_tokens

@@ -110,8 +110,8 @@ def write_memory(
     ``update_memory`` lays out the left-padded interactions. Returns the new STM (L_mem, B, S, D) and
     how many tokens each row ran here. A kv memory takes its turn's keys and values from the cache
     instead (``write_kept``)."""
-    if getattr(model, "kv_memory", False):
-        return model.write_kept(stm, kept, interactions, pad_id)
+    if getattr(model, "kv_memory", None) is not None:
+        return model.kv_memory.write_kept(stm, kept, interactions, pad_id)
     tails = [ids[kept.kept(r):] for r, ids in enumerate(interactions)]
     if any(not tail for tail in tails):
         raise ValueError("every turn ends with a closing that generation never ran; a row has no tokens left")

@@ -34,28 +34,17 @@ from torch import nn
 
 from rxt.attention import Attention, KVCache
 from rxt.config import ModelConfig
-from rxt.generation import left_pad
 from rxt.layers import RMSNorm
 from rxt.memory import MemoryAttention, ShortTermMemory, positions_from_mask
 from rxt.model import StatelessLM, _init_weights
-from rxt.pretrained.kv_memory import (
-    KEEP_POLICIES,
-    KVRead,
-    merge,
-    read_memory,
-    slot_width,
-    token_scores,
-    unrotate,
-)
+from rxt.pretrained.kv_memory import KEEP_POLICIES, KVMemory, KVRead
 from rxt.pretrained.lora import add_lora
-from rxt.turn_states import prompt_surprisal
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ReactiveConfig", "ReactivePretrained", "answer_loss", "base_sha256", "dialogue_loss"]
 
 ADAPTER_FORMAT = 1
-SINK_SCORE = 1e9  # a kv memory's preamble slots: above any turn's score, never evicted
 MEMORY_READS = ("new", "base")
 ADAPTER_WEIGHTS, ADAPTER_META = "adapter.safetensors", "adapter.json"
 MemoryKV = list[tuple[torch.Tensor, torch.Tensor] | None]  # per decoder layer; None where it has no memory
@@ -172,13 +161,11 @@ class ReactivePretrained(nn.Module):
             raise ValueError(f"memory_read must be one of {MEMORY_READS}, got {config.memory_read!r}")
         if config.keep not in KEEP_POLICIES:
             raise ValueError(f"keep must be one of {KEEP_POLICIES}, got {config.keep!r}")
-        self.kv_memory = kv
         if kv:
             preamble = len(base.tokenizer.preamble()) if base.tokenizer is not None else 0
             if config.stm_slots <= preamble:
                 raise ValueError(f"a kv memory needs stm_slots above the {preamble} tokens of the template's "
                                  f"preamble, which it always keeps; got {config.stm_slots}")
-        self._kv_sink: torch.Tensor | None = None
         # the base's ModelConfig as `config` (context length, vocabulary: what engines and servers read), the
         # reactive additions as `reactive`
         self.config, self.reactive, self.base_sha256 = base.config, config, base_sha256
@@ -190,8 +177,9 @@ class ReactivePretrained(nn.Module):
         self.tokenizer = base.tokenizer
         rotary = base.decoder.layers[0].self_attention.rotary
         c = self.memory_config
-        self.kv_header = self._answer_header() if self.kv_memory else ([], 0)
-        for i in [] if self.kv_memory else config.memory_layers:
+        # a kv memory reads the base's own keys and values (rxt.pretrained.kv_memory): nothing is added
+        self.kv_memory = KVMemory(self) if kv else None
+        for i in [] if kv else config.memory_layers:
             layer = base.decoder.layers[i]
             layer.memory_norm = RMSNorm(c.d_model, c.norm_eps)
             if config.memory_read == "base":  # the layer's own self-attention's heads, no RoPE
@@ -205,10 +193,10 @@ class ReactivePretrained(nn.Module):
         self.memory_attention = (
             None if config.memory_write in ("tokens", "kv") else MemoryAttention(c, rotary)
         )
-        self.stm = None if self.kv_memory else ShortTermMemory(c)
+        self.stm = None if kv else ShortTermMemory(c)
         for module in self.new_modules():
             module.apply(_init_weights)
-        if not self.kv_memory:
+        if not kv:
             for i in config.memory_layers:  # the model's output is exactly the base's until this is trained
                 nn.init.zeros_(base.decoder.layers[i].memory_cross_attention.o_proj.weight)
             self.init_norms_from_base()
@@ -288,24 +276,20 @@ class ReactivePretrained(nn.Module):
     @property
     def needs_surprisal(self) -> bool:
         """The "surprise" policy ranks the user's tokens by their surprisal: generation keeps the prefill's."""
-        return self.kv_memory and self.reactive.keep == "surprise"
+        return self.kv_memory is not None and self.reactive.keep == "surprise"
 
     def initial_memory(self, batch_size: int = 1) -> torch.Tensor:
         """STM_0: (L_mem, B, S, D), one layer per memory layer; for a kv memory (L, B, S, 2*H_kv*d_head + 3),
-        one layer per decoder layer, every slot empty but the preamble's (``kv_sink``)."""
+        one layer per decoder layer, every slot empty but the preamble's (``KVMemory.sink``)."""
         if self.kv_memory:
-            sink = self.kv_sink()  # the preamble, at the front of every memory
-            memory = sink.new_zeros(*sink.shape[:1], batch_size, self.reactive.stm_slots, sink.shape[-1])
-            memory[:, :, memory.shape[2] - sink.shape[2]:] = sink
-            return memory
+            return self.kv_memory.initial(batch_size)
         return self.stm.initial(batch_size)
 
     def project_memory(self, stm: torch.Tensor) -> MemoryKV | KVRead:
         """Cross-attention K/V of every decoder layer (None where it reads no memory), once per turn; for
         a kv memory, its slots' keys (rotated at 0..n-1) and values for every layer's self-attention."""
         if self.kv_memory:
-            attention = self.decoder.layers[0].self_attention
-            return read_memory(stm, attention.rotary, attention.n_kv_heads)
+            return self.kv_memory.read(stm)
         kv: MemoryKV = [None] * len(self.decoder.layers)
         for slot, i in enumerate(self.reactive.memory_layers):
             kv[i] = self.decoder.layers[i].project_memory(stm[slot])
@@ -323,7 +307,8 @@ class ReactivePretrained(nn.Module):
         each memory layer (L_mem tensors (B, T, D)), which are the turn's encoded data ED."""
         x = self.base.embedding(input_ids)
         if isinstance(memory_kv, KVRead):
-            memory_kv, positions, key_mask, caches = self._read_kv(memory_kv, x, positions, key_mask, caches)
+            memory_kv, positions, key_mask, caches = self.kv_memory.read_into(memory_kv, x, positions, key_mask,
+                                                                              caches)
         if positions is None:
             start = caches[0].length if caches else 0
             positions = torch.arange(start, start + x.shape[1], device=x.device)
@@ -333,32 +318,6 @@ class ReactivePretrained(nn.Module):
             if memory_kv[i] is not None:
                 states.append(x)
         return self.decoder.norm(x), states
-
-    def _read_kv(
-        self,
-        read: KVRead,
-        x: torch.Tensor,
-        positions: torch.Tensor | None,
-        key_mask: torch.Tensor | None,
-        caches: list[KVCache] | None,
-    ) -> tuple[MemoryKV, torch.Tensor, torch.Tensor, list[KVCache]]:
-        """A kv memory is read as context: its slots stand in front of every layer's cache (put there on the
-        turn's first call), the key mask gains its fill mask, and the turn's positions start after its filled
-        slots. ``key_mask`` and ``positions`` are the turn's own, as for any other memory."""
-        if caches is None:
-            caches = [KVCache() for _ in self.decoder.layers]
-        if caches[0].length == 0:
-            read.fill(caches)
-        batch, length = x.shape[0], x.shape[1]
-        seen = caches[0].length - read.slots  # the turn's tokens already in the cache
-        if key_mask is None:
-            key_mask = torch.ones(batch, seen + length, dtype=torch.bool, device=x.device)
-        if positions is None:
-            positions = torch.arange(seen, seen + length, device=x.device).expand(batch, -1)
-        elif positions.dim() == 1:
-            positions = positions.expand(batch, -1)
-        key_mask = torch.cat([read.mask, key_mask.bool()], dim=1)
-        return [None] * len(self.decoder.layers), positions + read.counts[:, None], key_mask, caches
 
     def decode(
         self,
@@ -422,29 +381,11 @@ class ReactivePretrained(nn.Module):
     def turn_preamble(self) -> list[int]:
         """What opens each turn before the user's message (ReactiveEngine.turn_prompt): the template's
         preamble (a system message), every turn as every conversation the base was trained on opened with
-        it. A kv memory holds it once, at its front, where the base saw it (``kv_sink``): its turns open
+        it. A kv memory holds it once, at its front, where the base saw it (``KVMemory.sink``): its turns open
         with the message."""
         if self.tokenizer is None or self.kv_memory:
             return []
         return self.tokenizer.preamble()
-
-    def kv_sink(self) -> torch.Tensor:
-        """A kv memory's first slots, never evicted: the preamble's keys and values at positions 0..p-1, as
-        the base computes them at the start of a conversation, (L, 1, p, W). The base's attention leans on
-        a conversation's first tokens (a sink); a memory whose front is some later token, which it never saw
-        there, reads badly (docs/kv-memory.md: SmolLM2's perplexity on chitchat without it)."""
-        weight = self.base.embedding.weight
-        if self._kv_sink is None or self._kv_sink.device != weight.device:
-            preamble = self.tokenizer.preamble() if self.tokenizer is not None else []
-            attention = self.decoder.layers[0].self_attention
-            empty = weight.new_zeros(len(self.decoder.layers), 1, 0, slot_width(attention.n_kv_heads, attention.d_head))
-            ids = torch.tensor([preamble], dtype=torch.long, device=weight.device)
-            with torch.no_grad():
-                turn, _ = self.turn_kv(empty, ids, torch.ones_like(ids, dtype=torch.bool))
-            extra = torch.stack([ids[0].to(weight.dtype), torch.full_like(ids[0], SINK_SCORE, dtype=weight.dtype),
-                                 torch.ones_like(ids[0], dtype=weight.dtype)], dim=-1)  # (p, 3)
-            self._kv_sink = torch.cat([turn, extra[None, None].expand(turn.shape[0], 1, -1, -1)], dim=-1)
-        return self._kv_sink
 
     def update_memory(
         self, stm: torch.Tensor, interaction_ids: torch.Tensor, key_mask: torch.Tensor | None = None
@@ -453,111 +394,9 @@ class ReactivePretrained(nn.Module):
         writes from the states generation kept (rxt.turn_states.write_memory), and its path for turns it
         did not generate (``observe``)."""
         if self.kv_memory:
-            return self.write_kv(stm, interaction_ids, key_mask)
+            return self.kv_memory.write(stm, interaction_ids, key_mask)
         encoded = self.encode(interaction_ids, stm, key_mask)
         return self.consolidate(stm, encoded, self.turn_mask(interaction_ids, key_mask), interaction_ids)
-
-    def write_kv(
-        self, stm: torch.Tensor, interaction_ids: torch.Tensor, key_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """A kv memory's write: one pass over the turn reading STM_{t-1} (as generation did) gives every
-        layer's keys and values of its tokens and each token's surprisal; ``keep`` ranks them against the
-        slots already held and the S best stay (rxt.pretrained.kv_memory.merge)."""
-        if key_mask is None:
-            key_mask = torch.ones_like(interaction_ids, dtype=torch.bool)
-        turn, surprisal = self.turn_kv(stm, interaction_ids, key_mask, self.reactive.keep == "surprise")
-        write_mask = self.turn_mask(interaction_ids, key_mask)
-        scores = token_scores(self.reactive.keep, self.user_mask(interaction_ids, write_mask), surprisal)
-        return merge(stm, turn, interaction_ids, scores, write_mask)
-
-    def write_kept(
-        self, stm: torch.Tensor, kept: Any, interactions: list[list[int]], pad_id: int
-    ) -> tuple[torch.Tensor, list[int]]:
-        """A kv memory's write from what generation left (rxt.turn_states.TurnStates): its cache holds the
-        memory's slots and the turn's tokens it ran, under ``kept.key_mask``. Only the rest of each turn
-        (the closing, a cut answer's last token) runs here; the turn's keys and values are taken from the
-        cache, in order. Returns STM_t and how many tokens each row ran."""
-        counts = (stm[0, :, :, -1] > 0.5).sum(-1)  # (B,) the memory's filled slots, at the front of the cache
-        seen = kept.key_mask.long().sum(-1) - counts  # the turn's tokens generation ran
-        tails = [ids[int(seen[r]):] for r, ids in enumerate(interactions)]
-        if any(not tail for tail in tails):
-            raise ValueError("every turn ends with a closing that generation never ran; a row has no tokens left")
-        tail_ids, tail_mask = left_pad(tails, pad_id, stm.device)
-        key_mask = torch.cat([kept.key_mask.bool(), tail_mask.bool()], dim=1)
-        positions = (counts + seen)[:, None] + positions_from_mask(tail_mask)
-        self.run(tail_ids, [None] * len(self.decoder.layers), positions, key_mask, kept.caches)
-        ids, mask = left_pad(interactions, pad_id, stm.device)
-        rotary, width = self.decoder.layers[0].self_attention.rotary, ids.shape[1]
-        turn = stm.new_zeros(stm.shape[0], stm.shape[1], width, stm.shape[-1] - 3)
-        for r in range(stm.shape[1]):
-            columns = key_mask[r].nonzero()[:, 0][int(counts[r]):]  # the turn's tokens, in order
-            n = columns.shape[0]
-            positions = (counts[r] + torch.arange(n, device=stm.device))[None]
-            for layer, cache in enumerate(kept.caches):
-                keys = unrotate(rotary, cache.k[r : r + 1, :, columns], positions)[0]  # (H_kv, n, d_head)
-                values = cache.v[r, :, columns]
-                turn[layer, r, width - n:] = torch.cat([keys.transpose(0, 1).reshape(n, -1),
-                                                        values.transpose(0, 1).reshape(n, -1)], dim=-1)
-        write_mask = self.turn_mask(ids, mask)
-        surprisal = None
-        if self.needs_surprisal:  # the prompt's tokens', from the prefill; the user's message is in the prompt
-            if kept.surprisal is None:
-                raise ValueError("this memory ranks by surprise: the turn's prompt surprisal was not kept")
-            surprisal = torch.zeros(ids.shape, device=stm.device)
-            for r, values in enumerate(kept.surprisal):
-                start = width - len(interactions[r])
-                surprisal[r, start : start + values.shape[0]] = values
-        scores = token_scores(self.reactive.keep, self.user_mask(ids, write_mask), surprisal)
-        return merge(stm, turn, ids, scores, write_mask), [len(t) for t in tails]
-
-    def turn_kv(
-        self, stm: torch.Tensor, input_ids: torch.Tensor, key_mask: torch.Tensor, surprisal: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The turn read after the kv memory ``stm``: every layer's keys (before RoPE) and values of its
-        tokens, (L, B, T, 2*H_kv*d_head), and, if asked, each token's -log p given what came before it."""
-        read = self.project_memory(stm)
-        caches = [KVCache() for _ in self.decoder.layers]
-        positions = positions_from_mask(key_mask)
-        hidden, _ = self.run(input_ids, read, positions, key_mask, caches)
-        surprise = None
-        if surprisal:  # a row's first token (after left padding) has nothing of the turn before it: 0
-            surprise = torch.zeros(input_ids.shape, device=input_ids.device)
-            for r, values in enumerate(prompt_surprisal(self.logits(hidden), input_ids, key_mask)):
-                surprise[r, key_mask[r].bool()] = values
-        rotary, slots = self.decoder.layers[0].self_attention.rotary, read.slots
-        turn = []
-        for cache in caches:
-            keys = unrotate(rotary, cache.k[:, :, slots:], positions + read.counts[:, None])
-            b, h, t, d = keys.shape
-            turn.append(torch.cat([keys.transpose(1, 2).reshape(b, t, h * d),
-                                   cache.v[:, :, slots:].transpose(1, 2).reshape(b, t, h * d)], dim=-1))
-        return torch.stack(turn), surprise
-
-    def _answer_header(self) -> tuple[list[int], int]:
-        """The template's tokens between the user's message and the answer (ChatML: ``<|im_end|>\\n
-        <|im_start|>assistant\\n``), and how many of them close the user's message (ChatML: 2) rather
-        than open the answer. Where a turn's user part ends."""
-        if self.tokenizer is None:
-            return [], 0
-        suffix = self.tokenizer.template.prompt.split("{query}", 1)[-1]
-        closing = suffix[: suffix.rfind("<|im_start|>")] if "<|im_start|>" in suffix else ""
-        return self.tokenizer.render(suffix), len(self.tokenizer.render(closing)) if closing else 0
-
-    def user_mask(self, input_ids: torch.Tensor, write_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) True on the written tokens of the user's message (with its template tokens), False from
-        where the answer opens. A row without the template's answer header is all the user's."""
-        user = write_mask.clone()
-        header, closing = self.kv_header
-        if not header:
-            return user
-        width = len(header)
-        for b in range(input_ids.shape[0]):
-            row = input_ids[b].tolist()
-            for start in range(len(row) - width + 1):
-                if write_mask[b, start] and row[start : start + width] == header:
-                    user[b, start + closing :] = False
-                    break
-        return user
 
     def interaction(self, query: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One turn as ReactiveEngine feeds it (the template's preamble, the prompt, the answer, the
@@ -631,7 +470,8 @@ class ReactivePretrained(nn.Module):
                 raise ValueError(f"{adapter_dir}: shape mismatch for {name}: file {tuple(tensor.shape)}, "
                                  f"config {tuple(expected[name].shape)}")
         model.load_state_dict(state, strict=False)  # copied into the fp32 parameters
-        model._kv_sink = None  # a kv memory's preamble is computed by the weights just loaded
+        if model.kv_memory:
+            model.kv_memory.refresh()  # its preamble's keys and values come from the weights just loaded
         return model.to(device).eval()
 
     @classmethod
