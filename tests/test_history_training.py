@@ -171,7 +171,7 @@ def test_its_lora_ships_as_a_kv_adapter_on_the_unchanged_base(chat_base, make_ti
     path.write_text(yaml.safe_dump({**dataclasses.asdict(recipe(base_dir, steps=2)), "kind": "stateless-pretrained"}))
     assert main(["train", "--recipe", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     lora = tmp_path / "run" / "model" / "lora.safetensors"
-    kv = wrap(base_dir, tmp_path / "kv", 512, lora=lora)
+    kv, _ = wrap(base_dir, tmp_path / "kv", 512, lora=lora)
     assert kv.num_parameters(trainable_only=True) == sum(t.numel() for t in load_file(str(lora)).values())
     # the memory holds the preamble; the turn read after it is the trained model's, LoRA merged or not
     tok, merged = chat_base.tokenizer, load_model(tmp_path / "run" / "model")

@@ -24,8 +24,15 @@ TURNS = [("My cat is called Pellvick.", "What a fine name."), ("I live in Oslo."
 
 
 def kv_model(base: StatelessLM, slots: int, keep: str = "recent") -> ReactivePretrained:
+    """A kv memory on a copy of ``base``; with keep "salience", a random gate (some messages pass, some not)."""
     config = ReactiveConfig(memory_write="kv", stm_slots=slots, keep=keep)
-    return ReactivePretrained(copy.deepcopy(base), config).eval()
+    model = ReactivePretrained(copy.deepcopy(base), config).eval()
+    if keep == "salience":
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            model.salience.proj.weight.copy_(torch.randn(model.salience.proj.weight.shape, generator=generator))
+            model.salience.proj.bias.fill_(6.5)  # near the middle of chat_base's logits
+    return model
 
 
 @pytest.fixture
@@ -106,6 +113,18 @@ def test_surprise_keeps_the_surprising_message_and_a_message_stays_whole():
         token_scores("random", user)
 
 
+def test_the_random_gate_of_these_tests_lets_some_messages_pass_and_not_others(chat_base):
+    model = kv_model(chat_base, 160, keep="salience")
+    verdicts = set()
+    for query, answer in [*TURNS, ("Hi.", "Hello!"), ("I live in Oslo and I like tea.", "Tea is nice.")]:
+        ids = model.interaction(query, answer)[0]
+        everything = torch.ones_like(ids, dtype=torch.bool)
+        with torch.no_grad():
+            turn, _ = model.kv_memory.turn_kv(model.initial_memory(1), ids, everything)
+            verdicts.add(bool(model.salience(turn, model.kv_memory.closing_at(ids, everything))[0] > 0))
+    assert verdicts == {True, False}
+
+
 def test_merge_keeps_the_best_scores_in_order_ties_to_the_newer():
     stm = torch.zeros(1, 1, 3, 2 + 3)
     turn = torch.arange(5.0)[None, None, :, None].expand(1, 1, 5, 2).clone()
@@ -117,7 +136,7 @@ def test_merge_keeps_the_best_scores_in_order_ties_to_the_newer():
     assert kept_tokens(partial) == [[13, 14]] and partial[0, 0, 0, -1] == 0  # right-aligned, one slot empty
 
 
-@pytest.mark.parametrize("keep", ["user", "surprise"])
+@pytest.mark.parametrize("keep", ["user", "surprise", "salience"])
 def test_a_batch_writes_what_each_row_writes_alone(chat_base, keep):
     model, tok = kv_model(chat_base, 160, keep=keep), chat_base.tokenizer
     stm = told(model, TURNS[:1]).expand(-1, 2, -1, -1).clone()
@@ -220,7 +239,7 @@ def test_the_demo_conversation_asks_what_it_told_and_counts_back_right():
         assert turn.check["value"].lower() in told.lower() and turn.check["distance"] >= 4
 
 
-@pytest.mark.parametrize("keep", ["user", "surprise"])
+@pytest.mark.parametrize("keep", ["user", "surprise", "salience"])
 def test_the_serving_batcher_reads_and_writes_a_kv_memory(chat_base, keep):
     """Rows with memories of different fills join at different steps; each answers as the engine alone
     does, and each session's memory is the one the engine writes."""
@@ -266,7 +285,7 @@ def test_the_serving_batcher_reads_and_writes_a_kv_memory(chat_base, keep):
         engine.close()
 
 
-@pytest.mark.parametrize("keep", ["user", "surprise"])
+@pytest.mark.parametrize("keep", ["user", "surprise", "salience"])
 @pytest.mark.parametrize("sampling", [SamplingConfig(temperature=0.0, max_new_tokens=6),
                                       SamplingConfig(temperature=1.0, top_k=20, seed=5, max_new_tokens=6)],
                          ids=["greedy", "sampled"])

@@ -134,13 +134,13 @@ def test_lora_adapter_round_trip(base, tmp_path):
 
 
 def test_an_adapter_saved_without_lora_keys_loads_with_its_identity(base, tmp_path):
-    """Adapters saved before the options existed have no lora_*, memory_read or keep keys in adapter.json: they
+    """Adapters saved before the options existed have no lora_*, memory_read, keep or salience_layer keys in adapter.json: they
     load, LoRA off and the read new, and keep their identity (sessions they made stay valid)."""
     base_dir = base.save_pretrained(tmp_path / "base")
     model = reactive(base, REACTIVE, sha=base_sha256(base_dir))
     adapter_dir = model.save_adapter(tmp_path / "adapter", dtype=torch.float32)
     meta = json.loads((adapter_dir / "adapter.json").read_text())
-    meta["reactive"] = {k: v for k, v in meta["reactive"].items() if not k.startswith("lora_") and k not in ("memory_read", "keep")}
+    meta["reactive"] = {k: v for k, v in meta["reactive"].items() if not k.startswith("lora_") and k not in ("memory_read", "keep", "salience_layer")}
     (adapter_dir / "adapter.json").write_text(json.dumps(meta))
     loaded = ReactivePretrained.from_pretrained(adapter_dir, base_dir)
     assert loaded.reactive.lora_rank == 0 and not lora_modules(loaded) and loaded.reactive.memory_read == "new"

@@ -17,7 +17,9 @@ goes (``KVMemory.sink``); the finished turn always stays whole; ``keep`` ranks t
 S best stay, ties going to the newer. "recent" keeps the last S tokens (the window baseline at the
 same state size); "user" keeps the user's messages before the model's own answers, which it can say
 again; "surprise" ranks the user's messages by how surprising their most surprising token was to the
-model (a told name or number, not small talk), a message's tokens staying or going together.
+model; "salience" keeps the messages a fitted gate over the model's own keys and values calls worth
+remembering (a fact told, not small talk: rxt.pretrained.salience) before the other messages of the
+user. A message's tokens stay or go together.
 
 ``KVMemory`` is this memory's side of a ReactivePretrained: its STM_0, its read, and its write, from the
 keys and values generation left in its cache (``write_kept``) or from a second pass over a turn.
@@ -37,7 +39,7 @@ from rxt.turn_states import TurnStates, prompt_surprisal
 __all__ = ["KEEP_POLICIES", "KVMemory", "KVRead", "as_prefix", "kept_tokens", "merge", "read_memory",
            "token_scores", "unrotate"]
 
-KEEP_POLICIES = ("recent", "user", "surprise")
+KEEP_POLICIES = ("recent", "user", "surprise", "salience")
 SINK_SCORE = 1e9  # the preamble's slots: above any turn's score, never evicted
 RECENT_BONUS = 1e6  # added to the finished turn's scores while it is written: it is never the first to go
 EXTRA = 3  # channels after each slot's key and value: its token id, its score, its fill flag (1.0 filled)
@@ -103,10 +105,12 @@ def unrotate(rotary: RotaryEmbedding, x: torch.Tensor, positions: torch.Tensor) 
 
 
 def token_scores(
-    policy: str, user: torch.Tensor, surprisal: torch.Tensor | None = None
+    policy: str, user: torch.Tensor, surprisal: torch.Tensor | None = None, salient: torch.Tensor | None = None
 ) -> torch.Tensor:
     """(B, T) scores of a turn's tokens under ``policy``; higher stays longer. user: (B, T) True on the
-    tokens of the user's message; surprisal: (B, T) -log p of each token given what came before it."""
+    tokens of the user's message; surprisal: (B, T) -log p of each token given what came before it;
+    salient: (B,) True where the salience gate (rxt.pretrained.salience) says the message tells something
+    to remember."""
     if policy == "recent":
         return torch.zeros(user.shape, dtype=torch.float32, device=user.device)
     if policy == "user":
@@ -117,6 +121,10 @@ def token_scores(
         # a message's tokens share its score: 1 + its most surprising token's -log p (in nats, over 100)
         peak = surprisal.masked_fill(~user, 0.0).amax(dim=-1, keepdim=True)  # (B, 1)
         return torch.where(user, 1.0 + peak / 100.0, torch.zeros_like(surprisal))
+    if policy == "salience":
+        if salient is None:
+            raise ValueError("the 'salience' policy needs the gate's verdict on each message")
+        return user.float() * (1.0 + salient.float()[:, None])  # a salient message's tokens: 2; others': 1
     raise ValueError(f"unknown keep policy {policy!r}; choose one of {KEEP_POLICIES}")
 
 
@@ -222,7 +230,7 @@ class KVMemory:
         if key_mask is None:
             key_mask = torch.ones_like(ids, dtype=torch.bool)
         turn, surprisal = self.turn_kv(stm, ids, key_mask, self.model.needs_surprisal)
-        return self._keep(stm, turn, ids, key_mask, surprisal)
+        return self.keep(stm, turn, ids, key_mask, surprisal)
 
     def write_kept(
         self, stm: torch.Tensor, kept: TurnStates, interactions: list[list[int]], pad_id: int
@@ -251,7 +259,7 @@ class KVMemory:
             for r, values in enumerate(kept.surprisal):
                 start = ids.shape[1] - len(interactions[r])
                 surprisal[r, start : start + values.shape[0]] = values
-        return self._keep(stm, turn, ids, mask, surprisal), [len(t) for t in tails]
+        return self.keep(stm, turn, ids, mask, surprisal), [len(t) for t in tails]
 
     def turn_kv(
         self, stm: torch.Tensor, ids: torch.Tensor, key_mask: torch.Tensor, surprisal: bool = False
@@ -288,10 +296,13 @@ class KVMemory:
                                                        cache.v[r, :, cols].transpose(0, 1).reshape(n, -1)], dim=-1)
         return out
 
-    def _keep(self, stm: torch.Tensor, turn: torch.Tensor, ids: torch.Tensor, key_mask: torch.Tensor,
+    def keep(self, stm: torch.Tensor, turn: torch.Tensor, ids: torch.Tensor, key_mask: torch.Tensor,
               surprisal: torch.Tensor | None) -> torch.Tensor:
         write_mask = self.model.turn_mask(ids, key_mask)
-        scores = token_scores(self.model.reactive.keep, self.user_mask(ids, write_mask), surprisal)
+        salient = None
+        if self.model.reactive.keep == "salience":
+            salient = self.model.salience(turn, self.closing_at(ids, write_mask)) > 0
+        scores = token_scores(self.model.reactive.keep, self.user_mask(ids, write_mask), surprisal, salient)
         return merge(stm, turn, ids, scores, write_mask)
 
     # -- whose tokens --------------------------------------------------------------------------------
@@ -310,16 +321,30 @@ class KVMemory:
         """(B, T) True on the written tokens of the user's message (with its template tokens), False from
         where the answer opens. A row without the template's answer header is all the user's."""
         user = write_mask.clone()
-        if not self.header:
-            return user
-        width = len(self.header)
-        for b in range(ids.shape[0]):
-            row = ids[b].tolist()
-            for start in range(len(row) - width + 1):
-                if write_mask[b, start] and row[start : start + width] == self.header:
-                    user[b, start + self.closing :] = False
-                    break
+        for b, start in enumerate(self._header_at(ids, write_mask)):
+            if start >= 0:
+                user[b, start + self.closing :] = False
         return user
+
+    def closing_at(self, ids: torch.Tensor, write_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) the column of the token right after each row's user message (ChatML: its ``<|im_end|>``),
+        where the model has read the whole message; without the template's answer header, the row's last
+        written token; -1 for a row with nothing written."""
+        at = self._header_at(ids, write_mask)
+        last = torch.where(write_mask.any(-1), write_mask.shape[1] - 1 - write_mask.flip(-1).long().argmax(-1), -1)
+        return torch.tensor([a if a >= 0 else int(last[b]) for b, a in enumerate(at)], device=ids.device)
+
+    def _header_at(self, ids: torch.Tensor, write_mask: torch.Tensor) -> list[int]:
+        """Per row, the column where the template's answer header starts (-1: none)."""
+        width, starts = len(self.header), []
+        for b in range(ids.shape[0]):
+            row, found = ids[b].tolist(), -1
+            for start in range(len(row) - width + 1) if width else ():
+                if write_mask[b, start] and row[start : start + width] == self.header:
+                    found = start
+                    break
+            starts.append(found)
+        return starts
 
 
 def with_extra(turn: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ from rxt.memory import MemoryAttention, ShortTermMemory, positions_from_mask
 from rxt.model import StatelessLM, _init_weights
 from rxt.pretrained.kv_memory import KEEP_POLICIES, KVMemory, KVRead
 from rxt.pretrained.lora import add_lora
+from rxt.pretrained.salience import SalienceGate
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class ReactiveConfig:
     # no memory_layers, no cross-attention
     memory_write: str = "queue"
     keep: str = "recent"  # for memory_write "kv": which tokens stay (KEEP_POLICIES)
+    # for keep "salience": the decoder layer whose keys and values the gate reads (None: 4/5 of the depth)
+    salience_layer: int | None = None
     write_slots: int = 8  # stm_slots / write_slots = 8 turns kept
     gate_mode: str = "elementwise"  # for memory_write "attention" / "competitive"
     stm_init_std: float = 0.02
@@ -113,6 +116,8 @@ class ReactiveConfig:
             data.pop("memory_read")
         if self.memory_write != "kv":
             data.pop("keep")
+        if self.memory_write != "kv" or self.keep != "salience":
+            data.pop("salience_layer")
         return data
 
     def memory_config(self, base: ModelConfig) -> ModelConfig:
@@ -161,6 +166,11 @@ class ReactivePretrained(nn.Module):
             raise ValueError(f"memory_read must be one of {MEMORY_READS}, got {config.memory_read!r}")
         if config.keep not in KEEP_POLICIES:
             raise ValueError(f"keep must be one of {KEEP_POLICIES}, got {config.keep!r}")
+        salience = kv and config.keep == "salience"
+        if salience and config.salience_layer is None:
+            config = dataclasses.replace(config, salience_layer=4 * n_layers // 5)
+        if salience and not 0 <= config.salience_layer < n_layers:
+            raise ValueError(f"salience_layer must be a layer in 0..{n_layers - 1}, got {config.salience_layer}")
         if kv:
             preamble = len(base.tokenizer.preamble()) if base.tokenizer is not None else 0
             if config.stm_slots <= preamble:
@@ -179,6 +189,10 @@ class ReactivePretrained(nn.Module):
         c = self.memory_config
         # a kv memory reads the base's own keys and values (rxt.pretrained.kv_memory): nothing is added
         self.kv_memory = KVMemory(self) if kv else None
+        attention = base.decoder.layers[0].self_attention
+        # keep "salience": the gate that picks the messages worth keeping (fitted by `rxt wrap`)
+        self.salience = SalienceGate(2 * attention.n_kv_heads * attention.d_head, config.salience_layer) \
+            if salience else None
         for i in [] if kv else config.memory_layers:
             layer = base.decoder.layers[i]
             layer.memory_norm = RMSNorm(c.d_model, c.norm_eps)

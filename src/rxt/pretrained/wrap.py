@@ -16,14 +16,26 @@ from pathlib import Path
 from safetensors import safe_open
 
 from rxt.pretrained.kv_memory import KEEP_POLICIES
-from rxt.pretrained.reactive import ReactiveConfig, ReactivePretrained, base_sha256
+from rxt.pretrained.reactive import (
+    ADAPTER_META,
+    ADAPTER_WEIGHTS,
+    ReactiveConfig,
+    ReactivePretrained,
+    base_sha256,
+)
+from rxt.pretrained.salience import GateFit, fit_gate, gate_dialogues
+
+DEFAULT_CHITCHAT = Path("data/chitchat/train.jsonl")
 
 
 def wrap(
-    base_dir: str | Path, out_dir: str | Path, slots: int, keep: str = "user", lora: str | Path | None = None
-) -> ReactivePretrained:
+    base_dir: str | Path, out_dir: str | Path, slots: int, keep: str = "user", lora: str | Path | None = None,
+    chitchat: str | Path = DEFAULT_CHITCHAT,
+) -> tuple[ReactivePretrained, GateFit | None]:
     """Write the adapter directory of ``base_dir`` with a kv memory of ``slots`` tokens kept by ``keep``
-    (and the LoRA weights of ``lora``, a run's lora.safetensors on this base, if given)."""
+    (and the LoRA weights of ``lora``, a run's lora.safetensors on this base or another adapter directory,
+    if given). With keep "salience" its gate is fitted here, on the model as it will run (LoRA and all),
+    to the training generator's messages and the ``chitchat`` corpus's users (rxt.pretrained.salience)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out}: the directory is not empty")
@@ -37,13 +49,17 @@ def wrap(
         if set(weights) != expected:
             raise ValueError(f"--lora {lora}: its weights do not fit its own LoRA settings")
         model.load_state_dict(weights, strict=False)
+    fit = fit_gate(model, gate_dialogues(chitchat)) if keep == "salience" else None
     model.save_adapter(out)
-    return model
+    return model, fit
 
 
 def _lora_weights(base_dir: str | Path, lora: str | Path, config: ReactiveConfig) -> dict:
-    """The LoRA weights of a run's lora.safetensors, keyed as the reactive model holds them; its settings
-    go into ``config``. A file trained on another base is refused."""
+    """The LoRA weights of a run's lora.safetensors, or of an adapter directory (adapter.json beside it),
+    keyed as the reactive model holds them; their settings go into ``config``. Weights trained on another
+    base are refused."""
+    if (Path(lora) / ADAPTER_META).is_file():
+        return _adapter_lora(base_dir, Path(lora), config)
     if not Path(lora).is_file():
         raise FileNotFoundError(f"--lora {lora}: no such file (a stateless-pretrained run writes DIR/model/lora.safetensors)")
     with safe_open(str(lora), "pt") as f:
@@ -60,21 +76,41 @@ def _lora_weights(base_dir: str | Path, lora: str | Path, config: ReactiveConfig
     return weights
 
 
+def _adapter_lora(base_dir: str | Path, adapter: Path, config: ReactiveConfig) -> dict:
+    meta = json.loads((adapter / ADAPTER_META).read_text())
+    if meta.get("base_sha256") != base_sha256(base_dir):
+        raise ValueError(f"--lora {adapter}: an adapter of the base with sha256 {meta.get('base_sha256')}, "
+                         f"not of {base_dir}")
+    reactive = ReactiveConfig.from_dict(meta["reactive"])
+    if not reactive.lora_rank:
+        raise ValueError(f"--lora {adapter}: that adapter carries no LoRA weights")
+    config.lora_rank, config.lora_alpha = reactive.lora_rank, reactive.lora_alpha
+    config.lora_targets, config.lora_layers = list(reactive.lora_targets), reactive.lora_layers
+    with safe_open(str(adapter / ADAPTER_WEIGHTS), "pt") as f:
+        return {k: f.get_tensor(k).float() for k in f.keys() if ".lora_" in k}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("base", help="a stateless model directory (e.g. an imported GGUF)")
     parser.add_argument("--out", required=True, help="the adapter directory to write (new or empty)")
     parser.add_argument("--slots", type=int, default=256, help="tokens the memory keeps, in every layer")
     parser.add_argument("--keep", choices=KEEP_POLICIES, default="user",
                         help="which tokens stay when it is full: the newest (recent), the user's messages first "
-                        "(user), or the user's messages that surprised the model most (surprise)")
+                        "(user), the user's messages that surprised the model most (surprise), or the messages "
+                        "a gate fitted here calls worth remembering, then the user's others (salience)")
     parser.add_argument("--lora", metavar="FILE", help="the lora.safetensors a 'kind: stateless-pretrained' run "
-                        "wrote beside its model, trained on BASE: the adapter carries it")
+                        "wrote beside its model, trained on BASE, or an adapter directory that carries one: "
+                        "the new adapter carries it")
+    parser.add_argument("--chitchat", default=str(DEFAULT_CHITCHAT), metavar="FILE",
+                        help="with --keep salience: the chitchat JSONL whose users' turns the gate learns to "
+                        "pass over (`rxt data fetch` prepares it)")
 
 
 def run(args: argparse.Namespace) -> int:
-    model = wrap(args.base, args.out, args.slots, args.keep, args.lora)
+    model, fit = wrap(args.base, args.out, args.slots, args.keep, args.lora, args.chitchat)
     state = model.initial_memory(1)
     print(json.dumps({"out": args.out, "base": args.base, "slots": args.slots, "keep": args.keep,
                       "lora_weights": model.num_parameters(trainable_only=True) if args.lora else 0,
-                      "state_bytes": state.numel() * state.element_size()}))
+                      "state_bytes": state.numel() * state.element_size(),
+                      **({"gate": fit.to_dict()} if fit else {})}))
     return 0
