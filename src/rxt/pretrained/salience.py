@@ -62,8 +62,7 @@ def gate_dialogues(chitchat_file: str | Path, dialogues: int = 150, chitchat: in
                    seed: int = 0) -> list[Dialogue]:
     """The conversations ``fit_gate`` learns from: ``dialogues`` of the training generator, each message
     labelled (a fact told or changed: 1; small talk, a question: 0), and ``chitchat`` conversations of the
-    chitchat corpus, their users' messages 0; at most ``max_turns`` turns each, messages cut to 300
-    characters."""
+    chitchat corpus, their users' messages 0 (cut to 300 characters); at most ``max_turns`` turns each."""
     from rxt.data.dialogues import generate_dialogues
     from rxt.data.jsonl import read_dialogues
     from rxt.data.phrasings import SMALL_TALK
