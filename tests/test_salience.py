@@ -137,3 +137,27 @@ def test_rxt_wrap_fits_the_gate_and_the_adapter_carries_it(chat_base, tmp_path, 
     assert main(["wrap", str(tmp_path / "base"), "--out", str(tmp_path / "kv2"), "--keep", "salience",
                  "--chitchat", str(tmp_path / "none.jsonl")]) == 2
     assert "rxt data fetch" in capsys.readouterr().err and not (tmp_path / "kv2").exists()
+
+
+def test_wrap_takes_the_lora_of_an_adapter_directory_and_refuses_what_has_none(chat_base, tmp_path, capsys):
+    """`--lora` may name another adapter: the new one carries the same LoRA weights and settings."""
+    from rxt.pretrained.wrap import wrap
+
+    base_dir = tmp_path / "base"
+    chat_base.save_pretrained(base_dir)
+    lora = ReactivePretrained.from_base(base_dir, ReactiveConfig(memory_write="kv", stm_slots=64, keep="user",
+                                                                 lora_rank=4, lora_alpha=8.0))
+    with torch.no_grad():
+        for name, weight in lora.named_parameters():
+            if ".lora_" in name:
+                weight.normal_(0.0, 0.1)
+    lora.save_adapter(tmp_path / "with-lora", dtype=torch.float32)
+    model, fit = wrap(base_dir, tmp_path / "again", 48, "recent", tmp_path / "with-lora")
+    assert fit is None and model.reactive.lora_rank == 4 and model.reactive.lora_alpha == 8.0
+    ours, theirs = model.adapter_state_dict(), lora.adapter_state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    ReactivePretrained.from_base(base_dir, ReactiveConfig(memory_write="kv", stm_slots=64)).save_adapter(
+        tmp_path / "no-lora")
+    for source, message in ((tmp_path / "no-lora", "carries no LoRA"), (base_dir, "a directory without")):
+        assert main(["wrap", str(base_dir), "--out", str(tmp_path / "x"), "--lora", str(source)]) == 2
+        assert message in capsys.readouterr().err

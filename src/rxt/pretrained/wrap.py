@@ -60,6 +60,9 @@ def _lora_weights(base_dir: str | Path, lora: str | Path, config: ReactiveConfig
     base are refused."""
     if (Path(lora) / ADAPTER_META).is_file():
         return _adapter_lora(base_dir, Path(lora), config)
+    if Path(lora).is_dir():
+        raise ValueError(f"--lora {lora}: a directory without {ADAPTER_META}: give a run's lora.safetensors "
+                         "or a reactive adapter directory")
     if not Path(lora).is_file():
         raise FileNotFoundError(f"--lora {lora}: no such file (a stateless-pretrained run writes DIR/model/lora.safetensors)")
     with safe_open(str(lora), "pt") as f:
