@@ -96,6 +96,9 @@ def test_jsonl_round_trip(tmp_path):
     assert write_dialogues(path, dialogues) == 5
     assert read_dialogues(path) == dialogues
     assert validate(path) == []
+    told = [t for d in dialogues for t in d.turns if t.told]
+    assert told and all(t.check is None for t in told)  # the facts told, never the questions
+    assert '"told": true' in path.read_text() and '"told": false' not in path.read_text()
 
 
 @pytest.mark.parametrize(
@@ -109,6 +112,7 @@ def test_jsonl_round_trip(tmp_path):
         ('{"id": "x", "turns": [{"query": "a", "answer": "b", "check": {"slot": "s", "value": "z", "distance": 1}}]}',
          "does not appear in the answer"),
         ('["a", "b"]', "expected a JSON object"),
+        ('{"id": "x", "turns": [{"query": "a", "answer": "b", "told": "yes"}]}', "'told' must be true or false"),
         ('{"id": "x", "turns": [{"query": "a", "answer": "b"}, {"query": "c", "answer": "z", "check": '
          '{"slot": "s", "value": "z", "distance": 2}}]}', "turn 1: 'check.distance' must name an earlier turn (1..1"),
     ],

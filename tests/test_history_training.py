@@ -185,3 +185,94 @@ def test_its_lora_ships_as_a_kv_adapter_on_the_unchanged_base(chat_base, make_ti
     other_dir = other.save_pretrained(tmp_path / "other")
     assert main(["wrap", str(other_dir), "--out", str(tmp_path / "kv2"), "--lora", str(lora)]) == 2
     assert "trained on the base with sha256" in capsys.readouterr().err
+
+
+# -- reading what the memory holds (view: slots) -------------------------------------------------------
+def _talk(n: int) -> list[Turn]:
+    return [Turn(f"Small talk number {i} about the weather.", f"Reply {i}.") for i in range(n)]
+
+
+@pytest.mark.parametrize("keep", ["user", "recent"])
+def test_the_memory_held_by_ids_alone_is_what_the_kv_memory_writes(chat_base, tmp_path, keep):
+    """held_before_turns runs the write's own ranking on empty slots: turn after turn it holds the very
+    tokens a real kv memory of as many slots keeps."""
+    from rxt.pretrained.kv_memory import answer_header, held_before_turns, kept_tokens
+    from rxt.pretrained.wrap import wrap
+
+    kv, _ = wrap(chat_base.save_pretrained(tmp_path / "base"), tmp_path / "kv", 40, keep=keep)
+    tok = chat_base.tokenizer
+    header, closing = answer_header(tok)
+    turns = [Turn("My cat is Tom.", "Nice cat.", told=True), *_talk(3), Turn("My dog is Rex.", "Good dog.", told=True),
+             *_talk(2)]
+    written = [(tok.interaction(t.query, t.answer), len(tok.prompt(t.query)) - len(header) + closing, t.told)
+               for t in turns]
+    held = held_before_turns(tok.preamble(), written, 40, keep)
+    stm = kv.initial_memory(1)
+    with torch.no_grad():
+        for t, (ids, _, _) in enumerate(written):
+            assert kept_tokens(stm)[0] == held[t]
+            stm = kv.kv_memory.write(stm, torch.tensor([ids]))
+    assert len(held[-1]) == 40 and held[-1][: len(tok.preamble())] == tok.preamble()  # full, the sink in front
+
+
+def test_salience_by_label_keeps_the_told_message_that_recent_drops(chat_base):
+    from rxt.pretrained.kv_memory import held_before_turns
+
+    tok = chat_base.tokenizer
+    told = tok.prompt("My cat is Tom.")[:-2]
+    written = [(tok.interaction("My cat is Tom.", "Nice."), len(told), True)]
+    written += [(tok.interaction(t.query, t.answer), len(told), False) for t in _talk(6)]
+    slots = len(tok.preamble()) + len(told) + len(written[-2][0]) + 4  # the sink, the fact, the last turn, a little
+    for keep, kept in (("salience", True), ("recent", False)):
+        last = held_before_turns(tok.preamble(), written, slots, keep)[-1]
+        assert (tok.decode(last).count("Tom") == 1) is kept, keep
+    with pytest.raises(ValueError, match="surprise"):
+        held_before_turns(tok.preamble(), written, slots, "surprise")
+    with pytest.raises(ValueError, match="do not fit"):
+        held_before_turns(tok.preamble(), written, 2, "user")
+
+
+def test_a_memory_view_reads_whole_while_it_fits_then_what_the_memory_holds(chat_base):
+    from rxt.pretrained.history_training import ViewSpec, _contexts, history_sequence, memory_view_sequences
+
+    tok = chat_base.tokenizer
+    dialogue = Dialogue("d", [Turn("My cat is Tom.", "Nice cat.", told=True), *_talk(6),
+                              Turn("Who is my cat?", "Your cat is Tom.", check={"slot": "pet_name", "value": "Tom",
+                                                                               "distance": 7})])
+    roomy = ViewSpec(slots=4096, keep="salience")
+    assert memory_view_sequences(tok, dialogue, roomy) == [history_sequence(tok, dialogue)]
+    fact, last = tok.prompt("My cat is Tom.")[:-2], tok.interaction(dialogue.turns[-2].query, dialogue.turns[-2].answer)
+    view = ViewSpec(slots=len(tok.preamble()) + len(fact) + len(last) + 4, keep="salience")
+    rows = memory_view_sequences(tok, dialogue, view, lambda turn: 2.0 if turn.check else 1.0)
+    held = _contexts(tok, dialogue, view)
+    whole = history_sequence(tok, dialogue)[0]
+    assert len(rows) == 2 and whole[: len(rows[0][0])] == rows[0][0]  # the turns before anything is dropped
+    ids, weights = rows[1]
+    question = tok.interaction("Who is my cat?", "Your cat is Tom.")
+    assert ids == held[-1] + question and len(held[-1]) <= view.slots and "Tom" in tok.decode(held[-1])
+    assert "number 0" not in tok.decode(held[-1])  # the oldest small talk is gone
+    scored = [i for i, w in zip(ids, weights, strict=True) if w]
+    assert scored == question[len(tok.prompt("Who is my cat?")):] and set(weights) == {0.0, 2.0}
+    batch = history_batch([dialogue, dialogue], tok, 2.0, view)
+    assert batch.data["ids"].shape[0] == 4  # two rows a dialogue
+
+
+def test_a_run_can_start_from_a_trained_lora(chat_base, tmp_path):
+    base_dir = chat_base.save_pretrained(tmp_path / "base")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**dataclasses.asdict(recipe(base_dir, steps=2)), "kind": "stateless-pretrained"}))
+    assert main(["train", "--recipe", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    lora = tmp_path / "run" / "model" / "lora.safetensors"
+    started = HistoryRun(dataclasses.replace(recipe(base_dir), init_from=str(lora)).validate(), tmp_path / "next",
+                         progress=False).build_model()
+    trained = load_file(str(lora))
+    assert set(lora_state(started)) == set(trained)
+    assert all(torch.equal(lora_state(started)[k], trained[k]) for k in trained)
+    other = dataclasses.replace(recipe(base_dir), init_from=str(lora), lora=LoRASpec(rank=4, alpha=4.0,
+                                                                                     targets=LORA.targets))
+    with pytest.raises(ValueError, match="its LoRA is"):
+        HistoryRun(other.validate(), tmp_path / "other", progress=False).build_model()
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        dataclasses.replace(recipe(base_dir), init_from=str(tmp_path / "nowhere")).validate()
+    with pytest.raises(ValueError, match="view.keep"):
+        dataclasses.replace(recipe(base_dir), view=dataclasses.replace(recipe(base_dir).view, keep="surprise")).validate()

@@ -316,6 +316,7 @@ class ReactiveEngine(ChatEngine):
         self.keeps_states = keep_states and self.writes_memory and self.fast is None and ed_from_generation(model)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rxt-memory")
         self._lock = threading.Lock()  # one memory update at a time touches the model
+        self._stm_shape: tuple[int, ...] | None = None
 
     def new_session(self) -> Session:
         stm = self.model.initial_memory(1).to(self.device)  # (L, 1, S, D)
@@ -352,7 +353,9 @@ class ReactiveEngine(ChatEngine):
 
     def check_session(self, session: Session) -> None:
         super().check_session(session)
-        expected = tuple(self.model.initial_memory(1).shape)
+        if self._stm_shape is None:  # fixed by the model's config: built once, not for every loaded session
+            self._stm_shape = tuple(self.model.initial_memory(1).shape)
+        expected = self._stm_shape
         if tuple(session.tensors["stm"].shape) != expected:
             raise SessionStateError(
                 f"session STM shape {tuple(session.tensors['stm'].shape)} != model's {expected}"

@@ -46,6 +46,7 @@ class Turn:
     query: str
     answer: str
     check: dict | None = None  # {"slot", "value", "distance"} on recall questions
+    told: bool = False  # the message tells (or changes) a fact: what a memory should keep
 
 
 @dataclass
@@ -407,7 +408,7 @@ class DialogueGenerator:
             template = distract(rng, template)
         query = self._framed(rng, template).format(v=value)
         answer = _capitalise(rng.choice(fact.acks).format(v=value))
-        return Turn(query, answer)
+        return Turn(query, answer, told=True)
 
     def _small_talk(self, rng: random.Random) -> Turn:
         query, answers = rng.choice(self.small_talk)

@@ -5,7 +5,8 @@ Schema of one line (a JSON object)::
     {"id": "train-0-17",                      # string, unique within the file
      "turns": [                               # non-empty list of turns, in order
         {"query": "My dog is called Bella.",  # non-empty string: the user's message
-         "answer": "Aww, Bella sounds sweet."},  # string: the model's reply
+         "answer": "Aww, Bella sounds sweet.",  # string: the model's reply
+         "told": true},                       # optional: the message tells a fact (a memory should keep it)
         {"query": "What is my pet called?",
          "answer": "Your pet is called Bella.",
          "check": {"slot": "pet_name", "value": "Bella", "distance": 1}}  # optional
@@ -44,6 +45,8 @@ def _turn_record(turn: Turn) -> dict[str, Any]:
     record = asdict(turn)
     if record["check"] is None:
         del record["check"]
+    if not record["told"]:
+        del record["told"]
     return record
 
 
@@ -75,7 +78,7 @@ def _parse(path: Path) -> tuple[list[Dialogue], list[str]]:
         if issues:
             problems.extend(f"{path}:{number}: {issue}" for issue in issues)
             continue
-        turns = [Turn(t["query"], t["answer"], t.get("check")) for t in record["turns"]]
+        turns = [Turn(t["query"], t["answer"], t.get("check"), t.get("told", False)) for t in record["turns"]]
         dialogues.append(Dialogue(record["id"], turns))
     return dialogues, problems
 
@@ -114,9 +117,11 @@ def _check_turn(turn: Any, index: int) -> Iterator[str]:
     if not isinstance(turn, dict):
         yield f"expected an object, got {type(turn).__name__}"
         return
-    unknown = sorted(set(turn) - {"query", "answer", "check"})
+    unknown = sorted(set(turn) - {"query", "answer", "check", "told"})
     if unknown:
         yield f"unknown keys {unknown}"
+    if "told" in turn and not isinstance(turn["told"], bool):
+        yield f"'told' must be true or false, got {type(turn['told']).__name__}"
     for key in ("query", "answer"):
         if key not in turn:
             yield f"missing key {key!r}"
@@ -173,7 +178,7 @@ def clip(dialogues: list[Dialogue], max_turns: int = 0, max_chars: int = 0) -> l
     for d in dialogues:
         turns = d.turns[:max_turns] if max_turns else d.turns
         turns = [Turn(cut(t.query), cut(t.answer), t.check if t.check is None or t.check["value"] in cut(t.answer)
-                      else None) for t in turns]
+                      else None, t.told) for t in turns]
         clipped.append(Dialogue(d.id, turns))
     return clipped
 

@@ -61,13 +61,37 @@ class LoRASpec:
 
 
 @dataclass
+class ViewSpec:
+    """What each training sequence reads. ``slots: 0``: the whole history (the stateless model). ``slots: S``:
+    what a kv memory of S slots (``rxt wrap --slots S --keep KEEP``) holds, from the turn where it no longer
+    holds everything: a dialogue is read whole up to that turn, then each of its last ``questions`` recall
+    questions after it is a sequence of its own, the memory's tokens (rxt.pretrained.kv_memory.held_before_turns)
+    followed by the question and its answer. A reader trained on what it will read."""
+
+    slots: int = 0
+    keep: str = "salience"  # the dialogue's `told` labels stand in for the fitted gate
+    questions: int = 1
+
+
+@dataclass
 class HistoryRecipe(DialogueRecipe):
     kind: str = KIND
     name: str = "stateless"
     lora: LoRASpec = field(default_factory=LoRASpec)
+    view: ViewSpec = field(default_factory=ViewSpec)
+    # a LoRA this run starts from instead of B = 0: a run's lora.safetensors or an adapter directory, on this
+    # base, with this recipe's rank, alpha, targets and layers
+    init_from: str = ""
 
     def validate(self) -> HistoryRecipe:
         self.check(KIND)
+        if self.view.slots < 0 or self.view.questions < 1:
+            raise ValueError(f"view.slots must be 0 (the whole history) or a slot count, and view.questions at "
+                             f"least 1, got {self.view.slots} and {self.view.questions}")
+        if self.view.keep not in ("recent", "user", "salience"):
+            raise ValueError(f"view.keep must be 'recent', 'user' or 'salience', got {self.view.keep!r}")
+        if self.init_from and not Path(self.init_from).exists():
+            raise FileNotFoundError(f"init_from: {self.init_from}: no such file or directory")
         if self.lora.rank < 1 or not self.lora.alpha > 0:
             raise ValueError(f"lora.rank must be at least 1 and lora.alpha positive, got {self.lora.rank} "
                              f"and {self.lora.alpha}")
@@ -105,9 +129,39 @@ def history_sequence(tokenizer: Tokenizer, dialogue: Dialogue, weight_of=None) -
     return ids, weights
 
 
-def history_batch(dialogues: list[Dialogue], tokenizer: Tokenizer, recall_weight: float = 1.0) -> Batch:
-    """Right-padded (B, T) ids and mask, and (B, T) weights of each token as a target (0: not scored)."""
-    rows = [history_sequence(tokenizer, d, lambda turn: recall_weight if turn.check else 1.0) for d in dialogues]
+def memory_view_sequences(tokenizer: Tokenizer, dialogue: Dialogue, view: ViewSpec,
+                          weight_of=None) -> list[tuple[list[int], list[float]]]:
+    """The dialogue as a kv memory of ``view.slots`` slots lets the model read it (``ViewSpec``): the
+    whole history while the memory holds all of it, then each of the last ``view.questions`` recall
+    questions after that as its own sequence, the memory's tokens before it, the loss on its answer."""
+    turns = [interaction(tokenizer, t.query, t.answer) for t in dialogue.turns]
+    held = _contexts(tokenizer, dialogue, view)
+    whole, first_lost = list(tokenizer.preamble()), len(turns)
+    for t, (tokens, _) in enumerate(turns):
+        if held[t] != whole:
+            first_lost = t
+            break
+        whole += tokens
+    short = Dialogue(dialogue.id, dialogue.turns[:first_lost])
+    out = [history_sequence(tokenizer, short, weight_of)] if short.turns else []
+    later = [t for t in range(first_lost, len(turns)) if dialogue.turns[t].check]
+    for t in later[-view.questions:]:
+        (tokens, prompt), w = turns[t], 1.0 if weight_of is None else weight_of(dialogue.turns[t])
+        out.append((held[t] + tokens, [0.0] * (len(held[t]) + prompt) + [w] * (len(tokens) - prompt)))
+    return out
+
+
+def history_batch(dialogues: list[Dialogue], tokenizer: Tokenizer, recall_weight: float = 1.0,
+                  view: ViewSpec | None = None) -> Batch:
+    """Right-padded (B, T) ids and mask, and (B, T) weights of each token as a target (0: not scored).
+    With a memory ``view`` a dialogue may give several rows (``memory_view_sequences``)."""
+    def weight_of(turn) -> float:
+        return recall_weight if turn.check else 1.0
+
+    if view is None or view.slots == 0:
+        rows = [history_sequence(tokenizer, d, weight_of) for d in dialogues]
+    else:
+        rows = [row for d in dialogues for row in memory_view_sequences(tokenizer, d, view, weight_of)]
     ids, mask = pad([r[0] for r in rows], tokenizer.pad_id)
     weights = torch.zeros(ids.shape)
     for row, (_, w) in enumerate(rows):
@@ -128,29 +182,48 @@ def history_loss(model: StatelessLM, data: dict[str, torch.Tensor],
 
 
 @torch.no_grad()
-def history_control(model: StatelessLM, dialogues: list[Dialogue]) -> dict[str, float]:
+def history_control(model: StatelessLM, dialogues: list[Dialogue], view: ViewSpec | None = None) -> dict[str, float]:
     """Held-out recall answers scored after the dialogue's own history (``own``), after another dialogue's
     history of as many turns (``other``: as much text, the wrong facts) and after none (``wiped``); the
-    same metrics as rxt.pretrained.training.memory_control (loss, exact, answer tokens top-1)."""
+    same metrics as rxt.pretrained.training.memory_control (loss, exact, answer tokens top-1). With a
+    memory ``view`` a history is what that memory holds before the question."""
     was_training = model.training
     model.eval()
     device, tok = model.embedding.weight.device, model.tokenizer
     turns = [[interaction(tok, t.query, t.answer) for t in d.turns] for d in dialogues]
+    contexts = [_contexts(tok, d, view) for d in dialogues]  # per dialogue, per turn: what is read before it
     scores: dict[str, list[tuple[float, bool, int, int]]] = {"own": [], "other": [], "wiped": []}
     for n, dialogue in enumerate(dialogues):
-        other = turns[(n + 1) % len(dialogues)]
+        other = contexts[(n + 1) % len(dialogues)]
         for t, turn in enumerate(dialogue.turns):
             if not turn.check:
                 continue
             tokens, prompt = turns[n][t]
-            for name, history in (("own", turns[n][:t]), ("other", other[:t]), ("wiped", [])):
-                context = list(tok.preamble()) + [i for h in history for i in h[0]]
+            for name, context in (("own", contexts[n][t]), ("other", other[min(t, len(other) - 1)]),
+                                  ("wiped", list(tok.preamble()))):
                 ids = torch.tensor([context + tokens], device=device)
                 answer = torch.zeros_like(ids, dtype=torch.bool)
                 answer[:, len(context) + prompt:] = True
                 scores[name].append(answer_score(model.decode(ids), ids, answer))
     model.train(was_training)
     return recall_summary(scores)
+
+
+def _contexts(tokenizer: Tokenizer, dialogue: Dialogue, view: ViewSpec | None) -> list[list[int]]:
+    """Per turn, the tokens read before it: the whole history, or what a memory ``view`` holds."""
+    from rxt.pretrained.kv_memory import answer_header, held_before_turns
+
+    turns = [interaction(tokenizer, t.query, t.answer) for t in dialogue.turns]
+    if view is not None and view.slots:
+        header, closing = answer_header(tokenizer)
+        written = [(ids, prompt - len(header) + closing, turn.told)
+                   for (ids, prompt), turn in zip(turns, dialogue.turns, strict=True)]
+        return held_before_turns(tokenizer.preamble(), written, view.slots, view.keep)
+    out, context = [], list(tokenizer.preamble())
+    for ids, _ in turns:
+        out.append(list(context))
+        context += ids
+    return out
 
 
 # -- the model -----------------------------------------------------------------------------------------
@@ -162,6 +235,26 @@ def lora_model(base: str | Path, spec: LoRASpec) -> StatelessLM:
     add_lora(layers, spec.targets, list(range(len(layers))) if spec.layers is None else spec.layers,
              spec.rank, spec.alpha)
     return model
+
+
+def load_lora(model: StatelessLM, base: str | Path, source: str | Path, spec: LoRASpec) -> None:
+    """Start from the LoRA of ``source`` (a run's lora.safetensors or an adapter directory, made on ``base``
+    with ``spec``'s settings): the same weights `rxt wrap --lora` would ship."""
+    from rxt.pretrained.reactive import ReactiveConfig
+    from rxt.pretrained.wrap import lora_weights
+
+    config = ReactiveConfig(memory_write="kv")
+    weights = {k.removeprefix("base."): v for k, v in lora_weights(base, source, config).items()}
+    theirs = {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": sorted(config.lora_targets),
+              "layers": config.lora_layers}
+    mine = {"rank": spec.rank, "alpha": spec.alpha, "targets": sorted(spec.targets), "layers": spec.layers}
+    if theirs != mine:
+        raise ValueError(f"init_from {source}: its LoRA is {theirs}, this recipe's lora is {mine}")
+    expected = {k for k in model.state_dict() if ".lora_" in k}
+    if set(weights) != expected:
+        raise ValueError(f"init_from {source}: its LoRA weights do not match this model's "
+                         f"({len(weights)} tensors against {len(expected)})")
+    model.load_state_dict(weights, strict=False)
 
 
 def lora_state(model: StatelessLM) -> dict[str, torch.Tensor]:
@@ -203,16 +296,19 @@ class HistoryRun(DialogueRun):
 
     def build_model(self) -> StatelessLM:
         torch.manual_seed(self.recipe.seed)
-        return lora_model(self.recipe.base, self.recipe.lora).to(self.device).train()
+        model = lora_model(self.recipe.base, self.recipe.lora)
+        if self.recipe.init_from:
+            load_lora(model, self.recipe.base, self.recipe.init_from, self.recipe.lora)
+        return model.to(self.device).train()
 
     def batch(self, dialogues: list[Dialogue], tokenizer: Tokenizer, recall_weight: float) -> Batch:
-        return history_batch(dialogues, tokenizer, recall_weight)
+        return history_batch(dialogues, tokenizer, recall_weight, self.recipe.view)
 
     def loss(self, model: StatelessLM, data: Any, generator: torch.Generator | None = None):
         return history_loss(model, data, generator)
 
     def control(self, model: StatelessLM) -> dict[str, float]:
-        return history_control(model, self.heldout)
+        return history_control(model, self.heldout, self.recipe.view)
 
     def trained_state(self, model: StatelessLM) -> dict[str, torch.Tensor]:
         return lora_state(model)

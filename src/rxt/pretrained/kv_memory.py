@@ -36,8 +36,8 @@ from rxt.generation import left_pad
 from rxt.memory import positions_from_mask
 from rxt.turn_states import TurnStates, prompt_surprisal
 
-__all__ = ["KEEP_POLICIES", "KVMemory", "KVRead", "as_prefix", "kept_tokens", "merge", "read_memory",
-           "token_scores", "unrotate"]
+__all__ = ["KEEP_POLICIES", "KVMemory", "KVRead", "answer_header", "as_prefix", "held_before_turns", "kept_tokens",
+           "merge", "read_memory", "token_scores", "unrotate"]
 
 KEEP_POLICIES = ("recent", "user", "surprise", "salience")
 SINK_SCORE = 1e9  # the preamble's slots: above any turn's score, never evicted
@@ -307,15 +307,7 @@ class KVMemory:
 
     # -- whose tokens --------------------------------------------------------------------------------
     def _answer_header(self) -> tuple[list[int], int]:
-        """The template's tokens between the user's message and the answer (ChatML: ``<|im_end|>\\n
-        <|im_start|>assistant\\n``), and how many of them close the user's message (ChatML: 2) rather
-        than open the answer. Where a turn's user part ends."""
-        tokenizer = self.model.tokenizer
-        if tokenizer is None:
-            return [], 0
-        suffix = tokenizer.template.prompt.split("{query}", 1)[-1]
-        closing = suffix[: suffix.rfind("<|im_start|>")] if "<|im_start|>" in suffix else ""
-        return tokenizer.render(suffix), len(tokenizer.render(closing)) if closing else 0
+        return answer_header(self.model.tokenizer)
 
     def user_mask(self, ids: torch.Tensor, write_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) True on the written tokens of the user's message (with its template tokens), False from
@@ -345,6 +337,44 @@ class KVMemory:
                     break
             starts.append(found)
         return starts
+
+
+def answer_header(tokenizer) -> tuple[list[int], int]:
+    """The template's tokens between the user's message and the answer (ChatML: ``<|im_end|>\\n
+    <|im_start|>assistant\\n``), and how many of them close the user's message (ChatML: 2) rather
+    than open the answer. Where a turn's user part ends."""
+    if tokenizer is None:
+        return [], 0
+    suffix = tokenizer.template.prompt.split("{query}", 1)[-1]
+    closing = suffix[: suffix.rfind("<|im_start|>")] if "<|im_start|>" in suffix else ""
+    return tokenizer.render(suffix), len(tokenizer.render(closing)) if closing else 0
+
+
+def held_before_turns(
+    sink: list[int], turns: list[tuple[list[int], int, bool]], slots: int, keep: str
+) -> list[list[int]]:
+    """What a kv memory of ``slots`` slots holds before each turn, as token ids, from the ids alone: the
+    write's own ranking (``token_scores``, ``merge``) run on slots that carry no keys or values. ``turns``:
+    per turn its written ids (prompt, answer, closing), how many of them are the user's message (with its
+    template tokens) and whether the message is salient (for ``keep: salience``: here a label, such as a
+    dialogue's ``told``, stands in for the fitted gate). A training data view: what the reader will read."""
+    if keep not in ("recent", "user", "salience"):
+        raise ValueError(f"keep {keep!r}: a memory held by ids alone ranks by 'recent', 'user' or 'salience' "
+                         "('surprise' needs the model)")
+    if len(sink) > slots:
+        raise ValueError(f"the preamble's {len(sink)} tokens do not fit in {slots} slots")
+    stm = torch.zeros(1, 1, slots, 1 + EXTRA)
+    if sink:
+        stm[0, 0, slots - len(sink):] = with_extra(torch.zeros(1, 1, len(sink), 1), torch.tensor([sink]),
+                                                   torch.full((1, len(sink)), SINK_SCORE))[0, 0]
+    held = []
+    for ids, user_tokens, salient in turns:
+        held.append(kept_tokens(stm)[0])
+        user = torch.zeros(1, len(ids), dtype=torch.bool)
+        user[0, :user_tokens] = True
+        scores = token_scores(keep, user, salient=torch.tensor([salient]))
+        stm = merge(stm, torch.zeros(1, 1, len(ids), 1), torch.tensor([ids]), scores, torch.ones_like(user))
+    return held
 
 
 def with_extra(turn: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

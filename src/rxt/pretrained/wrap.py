@@ -42,7 +42,7 @@ def wrap(
     if not (Path(base_dir) / "config.json").is_file():
         raise ValueError(f"{base_dir}: not a model directory (no config.json there)")
     config = ReactiveConfig(memory_write="kv", stm_slots=slots, keep=keep)
-    weights = _lora_weights(base_dir, lora, config) if lora is not None else None
+    weights = lora_weights(base_dir, lora, config) if lora is not None else None
     model = ReactivePretrained.from_base(base_dir, config)
     if weights is not None:
         expected = {k for k in model.adapter_state_dict() if ".lora_" in k}
@@ -54,7 +54,7 @@ def wrap(
     return model, fit
 
 
-def _lora_weights(base_dir: str | Path, lora: str | Path, config: ReactiveConfig) -> dict:
+def lora_weights(base_dir: str | Path, lora: str | Path, config: ReactiveConfig) -> dict:
     """The LoRA weights of a run's lora.safetensors, or of an adapter directory (adapter.json beside it),
     keyed as the reactive model holds them; their settings go into ``config``. Weights trained on another
     base are refused."""
