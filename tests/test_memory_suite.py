@@ -87,6 +87,10 @@ def test_a_broken_suite_is_refused(suite):
 def test_dialogues_are_the_same_for_the_same_seed_and_have_every_task_and_distance(suite):
     dialogues = build_dialogues(suite, per_task=2, seed=7)
     assert dialogues == build_dialogues(suite, per_task=2, seed=7)
+    far = build_dialogues(suite, ("single",), per_task=2, seed=7, min_distance=24)
+    assert far and far == [d for d in dialogues if d.task == "single" and d.distance >= 24]  # the same, fewer
+    with pytest.raises(ValueError, match="min_distance 32 is above"):
+        build_dialogues(suite, ("single",), min_distance=32, max_distance=8)
     assert [d.turns for d in dialogues] != [d.turns for d in build_dialogues(suite, per_task=2, seed=8)]
     for task in TASKS:
         mine = [d for d in dialogues if d.task == task]

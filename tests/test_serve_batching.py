@@ -209,3 +209,31 @@ def test_serve_refuses_bad_batching_options(model_dir, capsys):
     assert "--max-batch must be >= 1" in capsys.readouterr().err
     assert cli_main(["serve", "--model", str(model_dir), "--max-queue", "-1"]) == 2
     assert "--max-queue must be >= 0" in capsys.readouterr().err
+
+
+def test_a_stream_writes_what_is_already_queued_in_one_go():
+    """Tokens of several steps waiting for a slow client go out in one write, as the same SSE events."""
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    from rxt.engine import AnswerEvent, TokenEvent
+    from rxt.serve.app import stream_answer
+    from rxt.serve.schemas import ChatCompletionRequest
+    from rxt.serve.service import Turn
+    from rxt.session import TurnStats
+
+    async def writes() -> list[bytes]:
+        turn = Turn("s" * 32, 5)
+        for i, text in enumerate([" Hello", ",", " Ada"]):
+            turn.queue.put_nowait(TokenEvent(i, text))
+        turn.queue.put_nowait(AnswerEvent("Hello, Ada", [0, 1, 2], TurnStats(1, 5, 4, 0.1, 0.2)))
+        chat = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], "stream": True})
+        service = SimpleNamespace(settings=SimpleNamespace(model_name="m"), engine=SimpleNamespace(identity="i"))
+        return [part async for part in stream_answer(turn, chat, service)]
+
+    parts = asyncio.run(writes())
+    assert len(parts) == 3  # the role chunk, everything queued, [DONE]
+    events = [json.loads(line[6:]) for line in parts[1].decode().split("\n\n") if line]
+    assert [e["choices"][0]["delta"].get("content") for e in events] == ["Hello", ",", " Ada", None]
+    assert events[-1]["choices"][0]["finish_reason"] == "stop" and parts[2] == b"data: [DONE]\n\n"

@@ -353,6 +353,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "hand-written reference answers")
     parser.add_argument("--per-task", type=int, default=8, help="dialogues per task and distance")
     parser.add_argument("--max-distance", type=int, help="only the distances up to this many turns")
+    parser.add_argument("--min-distance", type=int, default=1, help="only the distances from this many turns "
+                        "(the same dialogues as in a run from 1: each is drawn from its own seed)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -396,11 +398,15 @@ def run(args: argparse.Namespace) -> int:
         if path and not Path(path).resolve().parent.is_dir():  # found out before the run, not after it
             raise ValueError(f"{option} {path}: no such directory {Path(path).resolve().parent}")
     suite = load_suite(args.half)
-    dialogues = build_dialogues(suite, tuple(args.tasks), args.per_task, args.seed, args.max_distance)
+    dialogues = build_dialogues(suite, tuple(args.tasks), args.per_task, args.seed, args.max_distance,
+                                args.min_distance)
+    if not dialogues:
+        raise ValueError(f"no distance of {args.tasks} lies in --min-distance {args.min_distance} to "
+                         f"--max-distance {args.max_distance}")
     engines = engines_for(args.model, args.baseline, args.device, args.base, args.baselines, args.no_memory,
                           args.window_tokens)
     settings = {"seed": args.seed, "per_task": args.per_task, "max_new_tokens": args.max_new_tokens,
-                "distances": {t: list(task_distances(t, args.max_distance)) for t in args.tasks},
+                "distances": {t: list(task_distances(t, args.max_distance, args.min_distance)) for t in args.tasks},
                 "distance_counts": {t: DISTANCE_MEANS[t] for t in args.tasks}}
     report = evaluate_memory(engines, suite, dialogues, args.history, args.batch_size, args.max_new_tokens,
                              settings=settings)

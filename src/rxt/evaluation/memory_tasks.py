@@ -359,9 +359,9 @@ BUILDERS = {"single": _single, "multi": _multi, "update": _update, "abstain": _a
 
 
 def build_dialogues(suite: Suite, tasks: tuple[str, ...] = TASKS, per_task: int = 8,
-                    seed: int = 0, max_distance: int | None = None) -> list[SuiteDialogue]:
-    """``per_task`` dialogues of every task and distance (up to ``max_distance``), each drawn from its own
-    seeded generator: a dialogue is the same whichever others are built beside it."""
+                    seed: int = 0, max_distance: int | None = None, min_distance: int = 1) -> list[SuiteDialogue]:
+    """``per_task`` dialogues of every task and distance (``min_distance`` to ``max_distance``), each drawn
+    from its own seeded generator: a dialogue is the same whichever others are built beside it."""
     unknown = [t for t in tasks if t not in BUILDERS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; the tasks are {list(TASKS)}")
@@ -369,12 +369,14 @@ def build_dialogues(suite: Suite, tasks: tuple[str, ...] = TASKS, per_task: int 
         raise ValueError(f"per_task must be >= 1, got {per_task}")
     if max_distance is not None and max_distance < 1:
         raise ValueError(f"max_distance must be >= 1, got {max_distance}")
+    if min_distance > (max_distance or min_distance):
+        raise ValueError(f"min_distance {min_distance} is above max_distance {max_distance}")
     return [BUILDERS[task](_Writer(suite, random.Random(f"rxt-memory:{suite.half}:{seed}:{task}:{d}:{i}")), d, i)
-            for task in tasks for d in task_distances(task, max_distance) for i in range(per_task)]
+            for task in tasks for d in task_distances(task, max_distance, min_distance) for i in range(per_task)]
 
 
-def task_distances(task: str, max_distance: int | None = None) -> tuple[int, ...]:
-    return tuple(d for d in DISTANCES[task] if max_distance is None or d <= max_distance)
+def task_distances(task: str, max_distance: int | None = None, min_distance: int = 1) -> tuple[int, ...]:
+    return tuple(d for d in DISTANCES[task] if (max_distance is None or d <= max_distance) and d >= min_distance)
 
 
 WORD = re.compile(r"[^\W_]+")  # a run of letters or digits: "haven't" is "haven" and "t"

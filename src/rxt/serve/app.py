@@ -342,25 +342,34 @@ async def stream_answer(turn: Turn, chat: ChatCompletionRequest, service: ChatSe
     finished, text_started = False, False
     try:
         yield make({"role": "assistant", "content": ""})
-        while True:
-            try:
-                event = await turn.next()
-            except Exception as error:  # headers are sent: the error goes in the stream
-                body = (error if isinstance(error, APIError) else
-                        store_error(error) if isinstance(error, StoreUnavailable) else
-                        APIError(500, "internal server error", "internal_error", "server_error")).body()
-                yield sse(body)
+        done = False
+        while not done:
+            # everything already queued goes out in one write: under load a client's tokens of several
+            # decoding steps wait here together, and each write is a round of the server's HTTP machinery
+            out = []
+            for item in [await turn.queue.get(), *turn.ready()]:
+                if isinstance(item, Exception):  # headers are sent: the error goes in the stream
+                    body = (item if isinstance(item, APIError) else
+                            store_error(item) if isinstance(item, StoreUnavailable) else
+                            APIError(500, "internal server error", "internal_error", "server_error")).body()
+                    out.append(sse(body))
+                    done = True
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, TokenEvent):
+                    text = item.text if text_started else item.text.lstrip()  # as the non-stream answer
+                    if text:
+                        text_started = True
+                        out.append(make({"content": text}))
+                    continue
+                out.append(make({}, finish_reason(item)))
+                if chat.stream_options is not None and chat.stream_options.include_usage:
+                    out.append(make(None, usage_=turn_usage(turn, item)))
+                done = True
                 break
-            if isinstance(event, TokenEvent):
-                text = event.text if text_started else event.text.lstrip()  # as the non-stream answer
-                if text:
-                    text_started = True
-                    yield make({"content": text})
-                continue
-            yield make({}, finish_reason(event))
-            if chat.stream_options is not None and chat.stream_options.include_usage:
-                yield make(None, usage_=turn_usage(turn, event))
-            break
+            if out:
+                yield b"".join(out)
         yield sse("[DONE]")
         finished = True
     finally:

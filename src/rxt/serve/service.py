@@ -82,6 +82,13 @@ class Turn:
             raise item
         return item
 
+    def ready(self) -> list[TokenEvent | AnswerEvent | BaseException]:
+        """What is already queued, taken without waiting."""
+        items = []
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        return items
+
     async def answer(self) -> AnswerEvent:
         while not isinstance(event := await self.next(), AnswerEvent):
             pass
