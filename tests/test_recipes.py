@@ -38,6 +38,8 @@ def _validate_pretrained(raw: dict, root: Path, monkeypatch, path: Path) -> None
     (root / raw["base"] / "config.json").write_text("{}")
     if raw["data"].get("chitchat_file"):
         _stand_in_fetched_data({"train_file": raw["data"]["chitchat_file"]}, root)
+    if raw.get("init_from"):  # an adapter or a LoRA file the run starts from
+        (root / raw["init_from"]).mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(root)
     recipe = (ReactiveRecipe if raw["kind"] == "reactive-pretrained" else HistoryRecipe).load(path)
     assert recipe.train.steps > 0 and recipe.data.fact_share > 0
