@@ -10,10 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from safetensors import safe_open
-
-from rxt.pretrained.history_training import LoRASpec, lora_model, save_merged
-from rxt.pretrained.reactive import ReactivePretrained
+from rxt.pretrained.history_training import load_lora, lora_model, read_lora, save_merged
 
 
 def main() -> None:
@@ -22,21 +19,11 @@ def main() -> None:
     parser.add_argument("base")
     parser.add_argument("out_dir")
     args = parser.parse_args()
-    reactive = ReactivePretrained.from_pretrained(args.adapter, args.base)  # checks the base's sha256
-    config = reactive.reactive
-    if not config.lora_rank:
-        raise SystemExit(f"{args.adapter}: the adapter carries no LoRA")
-    spec = LoRASpec(rank=config.lora_rank, alpha=config.lora_alpha, targets=list(config.lora_targets),
-                    layers=config.lora_layers)
+    spec, _ = read_lora(args.base, args.adapter, "adapter")  # checks the base's sha256
     model = lora_model(args.base, spec)
-    with safe_open(f"{args.adapter}/adapter.safetensors", "pt") as f:
-        weights = {k.removeprefix("base."): f.get_tensor(k).float() for k in f.keys() if ".lora_" in k}
-    missing = set(weights) ^ {k for k in model.state_dict() if ".lora_" in k}
-    if missing:
-        raise SystemExit(f"{args.adapter}: its LoRA weights do not fit {spec}: {sorted(missing)[:5]}")
-    model.load_state_dict(weights, strict=False)
+    count = load_lora(model, args.base, args.adapter, spec, "adapter")
     save_merged(model, args.out_dir)
-    print(json.dumps({"adapter": args.adapter, "lora_weights": sum(w.numel() for w in weights.values()),
+    print(json.dumps({"adapter": args.adapter, "lora_weights": count,
                       "out": args.out_dir}))
 
 

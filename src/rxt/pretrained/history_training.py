@@ -237,24 +237,30 @@ def lora_model(base: str | Path, spec: LoRASpec) -> StatelessLM:
     return model
 
 
-def load_lora(model: StatelessLM, base: str | Path, source: str | Path, spec: LoRASpec) -> None:
-    """Start from the LoRA of ``source`` (a run's lora.safetensors or an adapter directory, made on ``base``
-    with ``spec``'s settings): the same weights `rxt wrap --lora` would ship."""
+def read_lora(base: str | Path, source: str | Path, option: str = "init_from") -> tuple[LoRASpec, dict[str, torch.Tensor]]:
+    """The LoRA of ``source`` (a run's lora.safetensors or an adapter directory, made on ``base``): its
+    settings and its weights keyed as a ``lora_model`` holds them (what `rxt wrap --lora` would ship)."""
     from rxt.pretrained.reactive import ReactiveConfig
     from rxt.pretrained.wrap import lora_weights
 
     config = ReactiveConfig(memory_write="kv")
-    weights = {k.removeprefix("base."): v for k, v in lora_weights(base, source, config).items()}
-    theirs = {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": sorted(config.lora_targets),
-              "layers": config.lora_layers}
-    mine = {"rank": spec.rank, "alpha": spec.alpha, "targets": sorted(spec.targets), "layers": spec.layers}
-    if theirs != mine:
-        raise ValueError(f"init_from {source}: its LoRA is {theirs}, this recipe's lora is {mine}")
+    weights = {k.removeprefix("base."): v.float() for k, v in lora_weights(base, source, config, option).items()}
+    return LoRASpec(config.lora_rank, config.lora_alpha, list(config.lora_targets), config.lora_layers), weights
+
+
+def load_lora(model: StatelessLM, base: str | Path, source: str | Path, spec: LoRASpec,
+              option: str = "init_from") -> int:
+    """Put the LoRA of ``source`` into ``model`` (a ``lora_model`` with ``spec``); how many weights it has."""
+    theirs, weights = read_lora(base, source, option)
+    if (theirs.rank, theirs.alpha, sorted(theirs.targets), theirs.layers) != \
+            (spec.rank, spec.alpha, sorted(spec.targets), spec.layers):
+        raise ValueError(f"{option} {source}: its LoRA is {theirs}, this model's is {spec}")
     expected = {k for k in model.state_dict() if ".lora_" in k}
     if set(weights) != expected:
-        raise ValueError(f"init_from {source}: its LoRA weights do not match this model's "
+        raise ValueError(f"{option} {source}: its LoRA weights do not match this model's "
                          f"({len(weights)} tensors against {len(expected)})")
     model.load_state_dict(weights, strict=False)
+    return sum(w.numel() for w in weights.values())
 
 
 def lora_state(model: StatelessLM) -> dict[str, torch.Tensor]:

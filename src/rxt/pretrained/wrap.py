@@ -54,24 +54,24 @@ def wrap(
     return model, fit
 
 
-def lora_weights(base_dir: str | Path, lora: str | Path, config: ReactiveConfig) -> dict:
+def lora_weights(base_dir: str | Path, lora: str | Path, config: ReactiveConfig, option: str = "--lora") -> dict:
     """The LoRA weights of a run's lora.safetensors, or of an adapter directory (adapter.json beside it),
     keyed as the reactive model holds them; their settings go into ``config``. Weights trained on another
-    base are refused."""
+    base are refused (the message names ``option``, where the user gave the path)."""
     if (Path(lora) / ADAPTER_META).is_file():
-        return _adapter_lora(base_dir, Path(lora), config)
+        return _adapter_lora(base_dir, Path(lora), config, option)
     if Path(lora).is_dir():
-        raise ValueError(f"--lora {lora}: a directory without {ADAPTER_META}: give a run's lora.safetensors "
+        raise ValueError(f"{option} {lora}: a directory without {ADAPTER_META}: give a run's lora.safetensors "
                          "or a reactive adapter directory")
     if not Path(lora).is_file():
-        raise FileNotFoundError(f"--lora {lora}: no such file (a stateless-pretrained run writes DIR/model/lora.safetensors)")
+        raise FileNotFoundError(f"{option} {lora}: no such file (a stateless-pretrained run writes DIR/model/lora.safetensors)")
     with safe_open(str(lora), "pt") as f:
         meta = f.metadata() or {}
         if "lora" not in meta:
-            raise ValueError(f"--lora {lora}: not a LoRA file of a stateless-pretrained run (no settings in it)")
+            raise ValueError(f"{option} {lora}: not a LoRA file of a stateless-pretrained run (no settings in it)")
         weights = {f"base.{k}": f.get_tensor(k) for k in f.keys()}
     if meta.get("base_sha256") != base_sha256(base_dir):
-        raise ValueError(f"--lora {lora}: trained on the base with sha256 {meta.get('base_sha256')}, "
+        raise ValueError(f"{option} {lora}: trained on the base with sha256 {meta.get('base_sha256')}, "
                          f"not on {base_dir}")
     spec = json.loads(meta["lora"])
     config.lora_rank, config.lora_alpha = spec["rank"], spec["alpha"]
@@ -79,14 +79,14 @@ def lora_weights(base_dir: str | Path, lora: str | Path, config: ReactiveConfig)
     return weights
 
 
-def _adapter_lora(base_dir: str | Path, adapter: Path, config: ReactiveConfig) -> dict:
+def _adapter_lora(base_dir: str | Path, adapter: Path, config: ReactiveConfig, option: str) -> dict:
     meta = json.loads((adapter / ADAPTER_META).read_text())
     if meta.get("base_sha256") != base_sha256(base_dir):
-        raise ValueError(f"--lora {adapter}: an adapter of the base with sha256 {meta.get('base_sha256')}, "
+        raise ValueError(f"{option} {adapter}: an adapter of the base with sha256 {meta.get('base_sha256')}, "
                          f"not of {base_dir}")
     reactive = ReactiveConfig.from_dict(meta["reactive"])
     if not reactive.lora_rank:
-        raise ValueError(f"--lora {adapter}: that adapter carries no LoRA weights")
+        raise ValueError(f"{option} {adapter}: that adapter carries no LoRA weights")
     config.lora_rank, config.lora_alpha = reactive.lora_rank, reactive.lora_alpha
     config.lora_targets, config.lora_layers = list(reactive.lora_targets), reactive.lora_layers
     with safe_open(str(adapter / ADAPTER_WEIGHTS), "pt") as f:
