@@ -19,12 +19,14 @@ from rxt.pretrained.training import (
     ReactiveDataSpec,
     ReactiveRecipe,
     ReactiveRun,
+    ShortFacts,
     TrainingDialogues,
     dialogue_batch,
     heldout_fact_dialogues,
     load_reactive_recipe,
     memory_aware_loss,
     memory_control,
+    validate_data,
 )
 from rxt.training.recipe import StageSpec
 from rxt.training.trainer import Trainer
@@ -90,6 +92,25 @@ def test_training_mixes_fact_dialogues_and_chitchat_by_index_alone(tmp_path, cha
     kinds = [first[i].id.startswith("c") for i in range(40)]
     assert 5 < sum(kinds) < 35
     assert [again[i].id for i in range(40)] == [first[i].id for i in range(40)]
+
+
+def test_short_share_draws_that_share_of_fact_dialogues_short_and_zero_leaves_the_mix_as_it_was():
+    long = {"fact_share": 1.0, "min_turns": 20, "max_turns": 24, "max_distance": 16, "facts_per_dialogue": [3, 5]}
+    plain = TrainingDialogues(ReactiveDataSpec(**long))
+    same = TrainingDialogues(ReactiveDataSpec(short=ShortFacts(share=0.0, min_turns=2, max_turns=3), **long))
+    assert [len(same[i].turns) for i in range(30)] == [len(plain[i].turns) for i in range(30)]
+    mixed = TrainingDialogues(ReactiveDataSpec(short=ShortFacts(share=0.4, min_turns=2, max_turns=3,
+                                                                max_distance=2, facts_per_dialogue=[1, 1]), **long))
+    lengths = [len(mixed[i].turns) for i in range(200)]
+    assert set(lengths) <= {2, 3} | set(range(20, 25))
+    assert 50 < sum(n <= 3 for n in lengths) < 110  # about 0.4 of 200
+    assert [len(mixed[i].turns) for i in range(200)] == lengths  # by index alone (exact resume)
+
+
+def test_bad_short_mix_is_refused():
+    for short in (ShortFacts(share=1.5), ShortFacts(min_turns=5, max_turns=4), ShortFacts(facts_per_dialogue=[2, 1])):
+        with pytest.raises(ValueError, match="data.short"):
+            validate_data(ReactiveDataSpec(fact_share=1.0, short=short), StageSpec())
 
 
 def test_fresh_values_give_every_training_dialogue_a_new_word_never_a_held_out_or_pool_value():

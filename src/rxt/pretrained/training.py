@@ -48,6 +48,18 @@ IGNORE = -100
 
 
 @dataclass
+class ShortFacts:
+    """A share of the fact dialogues drawn short (the other generator settings shared): a run that trains
+    long dialogues keeps rehearsing the short ones an earlier run learned from."""
+
+    share: float = 0.0
+    min_turns: int = 3
+    max_turns: int = 10
+    max_distance: int = 8
+    facts_per_dialogue: list[int] = field(default_factory=lambda: [1, 3])
+
+
+@dataclass
 class ReactiveDataSpec:
     seed: int = 0
     fact_share: float = 0.6  # share of training dialogues that are fact dialogues; the rest are chitchat
@@ -69,6 +81,7 @@ class ReactiveDataSpec:
     chitchat_max_turns: int = 6
     chitchat_max_chars: int = 200
     heldout_dialogues: int = 16  # held-out fact dialogues (generator's heldout split) for the memory control
+    short: ShortFacts = field(default_factory=ShortFacts)
 
 
 @dataclass
@@ -137,9 +150,12 @@ def validate_data(d: ReactiveDataSpec, t: StageSpec) -> None:
         raise FileNotFoundError(f"data.chitchat_file: no such file: {d.chitchat_file} (run `rxt data fetch` first?)")
     if d.fresh_words not in FRESH_WORDS:
         raise ValueError(f"data.fresh_words must be one of {FRESH_WORDS}, got {d.fresh_words!r}")
-    facts = d.facts_per_dialogue
-    if len(facts) != 2 or not 1 <= facts[0] <= facts[1] <= len(FACTS):
-        raise ValueError(f"data.facts_per_dialogue must be [min, max] with 1 <= min <= max <= {len(FACTS)}, got {facts}")
+    for key, facts in (("facts_per_dialogue", d.facts_per_dialogue), ("short.facts_per_dialogue", d.short.facts_per_dialogue)):
+        if len(facts) != 2 or not 1 <= facts[0] <= facts[1] <= len(FACTS):
+            raise ValueError(f"data.{key} must be [min, max] with 1 <= min <= max <= {len(FACTS)}, got {facts}")
+    if not 0.0 <= d.short.share <= 1.0 or not 2 <= d.short.min_turns <= d.short.max_turns or d.short.max_distance < 1:
+        raise ValueError(f"data.short: share in [0, 1], 2 <= min_turns <= max_turns and max_distance >= 1, got "
+                         f"{d.short.share}, {d.short.min_turns}, {d.short.max_turns}, {d.short.max_distance}")
     if not d.recall_weight > 0 or d.heldout_dialogues < 2:
         raise ValueError("data.recall_weight must be positive and data.heldout_dialogues at least 2")
     if t.steps < 1 or t.batch_size < 1 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
@@ -180,15 +196,22 @@ def dialogue_batch(dialogues: list[Dialogue], tokenizer: Tokenizer, recall_weigh
 
 
 class TrainingDialogues:
-    """Training dialogue ``i``: a fact dialogue (share ``fact_share``) or a chitchat conversation, drawn
-    from (seed, i) alone, so a batch is the same whatever ran before it (exact resume)."""
+    """Training dialogue ``i``: a fact dialogue (share ``fact_share``; of those, share ``short.share`` drawn
+    short) or a chitchat conversation, drawn from (seed, i) alone, so a batch is the same whatever ran before
+    it (exact resume)."""
 
     def __init__(self, spec: ReactiveDataSpec):
         self.spec = spec
-        self.facts = DialogueGenerator(spec.seed, "train", spec.min_turns, spec.max_turns, spec.max_distance,
-                                       tuple(spec.facts_per_dialogue), fresh_values=spec.fresh_values,
-                                       fresh_words=spec.fresh_words, frames=spec.frames, paraphrases=spec.paraphrases,
-                                       abstain=spec.abstain)
+
+        def generator(min_turns: int, max_turns: int, max_distance: int, facts: list[int]) -> DialogueGenerator:
+            return DialogueGenerator(spec.seed, "train", min_turns, max_turns, max_distance, tuple(facts),
+                                     fresh_values=spec.fresh_values, fresh_words=spec.fresh_words, frames=spec.frames,
+                                     paraphrases=spec.paraphrases, abstain=spec.abstain)
+
+        self.facts = generator(spec.min_turns, spec.max_turns, spec.max_distance, spec.facts_per_dialogue)
+        short = spec.short
+        self.short = (generator(short.min_turns, short.max_turns, short.max_distance, short.facts_per_dialogue)
+                      if short.share > 0 else None)
         self.chitchat = (DialogueList.read(spec.chitchat_file, spec.chitchat_max_turns, spec.chitchat_max_chars)
                          if spec.chitchat_file else None)
 
@@ -196,6 +219,8 @@ class TrainingDialogues:
         rng = random.Random(f"rxt-reactive-mix:{self.spec.seed}:{index}")
         if self.chitchat is not None and rng.random() >= self.spec.fact_share:
             return self.chitchat[rng.randrange(len(self.chitchat))]
+        if self.short is not None and rng.random() < self.spec.short.share:
+            return self.short[index]
         return self.facts[index]
 
 
