@@ -20,6 +20,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("eval", "perplexity"): ("rxt.evaluation.perplexity", "answer perplexity by turn on real dialogues: RxT vs stateless"),
     ("eval", "gates"): ("rxt.evaluation.gates", "how a trained RxT's residual gates write its memory"),
     ("eval", "memory"): ("rxt.evaluation.memory", "the memory suite: pass/fail tasks by distance, own answers as history"),
+    ("eval", "compare"): ("rxt.evaluation.compare", "two models' memory-suite answers paired, with a sign test"),
     ("tokenizer", "train"): ("rxt.tokenizer", "train a byte-level BPE tokenizer"),
     ("data", "validate"): ("rxt.data.jsonl", "check a dialogue JSONL file"),
     ("data", "fetch"): ("rxt.data.fetch", "download, check and prepare real corpora (and weights) under data/"),
