@@ -137,6 +137,11 @@ def test_a_resumed_run_writes_the_same_model_which_loads_as_a_plain_stateless_mo
     assert summary["trained_parameters"] == sum(t.numel() for t in lora_state(lora_model(base_dir, LORA)).values())
     model = load_model(tmp_path / "whole" / "model")
     assert isinstance(model, StatelessLM)
+    # the summary's control is the one the trainer ran at the last step, and it is the saved model's
+    last = json.loads((tmp_path / "whole" / "model" / "training_log.jsonl").read_text().splitlines()[-1])
+    assert summary["control"]["recall_loss_own"] == pytest.approx(last["recall_loss_own"], abs=1e-5)
+    again = history_control(model, heldout_fact_dialogues(load_history_recipe(path).data))
+    assert summary["control"]["recall_loss_own"] == pytest.approx(again["recall_loss_own"], abs=1e-3)
     engine = StatelessEngine(model)
     session = engine.new_session()
     engine.interact(session, "Hello", SamplingConfig(max_new_tokens=3))

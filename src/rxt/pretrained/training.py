@@ -390,11 +390,16 @@ class DialogueRun:
             model=model, stage=self.stage, spec=spec, make_batch=make_batch, loss_fn=self.loss,
             work_dir=self.out, metrics_path=self.metrics_path, seed=recipe.seed, log_every=recipe.log_every,
             checkpoint_every=recipe.checkpoint_every, bf16_autocast=recipe.bf16_autocast, progress=self.progress,
-            extra_metrics={"model": self.label}, model_state=self.trained_state, monitor=self.control,
+            extra_metrics={"model": self.label}, model_state=self.trained_state, monitor=self._monitor,
             on_checkpoint=self.on_checkpoint,
         )
 
+    def _monitor(self, model: nn.Module) -> dict[str, float]:
+        self._last_control = self.control(model)  # the trainer runs it at the last step too: kept for the summary
+        return self._last_control
+
     def run(self) -> dict[str, Any]:
+        self._last_control = None
         model = self.build_model()
         if self.rank == 0 and not self.resume:
             log.info("held-out control before training: %s", self.control(model))
@@ -407,7 +412,8 @@ class DialogueRun:
         if self.metrics_path.is_file():
             shutil.copyfile(self.metrics_path, self.output_dir / "training_log.jsonl")
         trained = sum(t.numel() for t in self.trained_state(model).values())
-        summary = {"steps": self.recipe.train.steps, "trained_parameters": trained, "control": self.control(model)}
+        control = self._last_control if self._last_control is not None else self.control(model)
+        summary = {"steps": self.recipe.train.steps, "trained_parameters": trained, "control": control}
         (self.output_dir / "control.json").write_text(json.dumps(summary, indent=2) + "\n")
         shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
         return summary
