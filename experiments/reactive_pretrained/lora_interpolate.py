@@ -23,10 +23,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from rxt.pretrained.history_training import read_lora
-from rxt.pretrained.reactive import base_sha256
+from rxt.pretrained.history_training import read_lora, save_lora
 
 
 def interpolate(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], t: float) -> dict[str, torch.Tensor]:
@@ -53,9 +51,8 @@ def main() -> None:
     if dataclasses.astuple(spec1) != dataclasses.astuple(spec2):
         raise SystemExit(f"the two LoRAs have different settings: {spec1} against {spec2}")
     weights = interpolate(first, second, args.t)
-    meta = {"lora": json.dumps(dataclasses.asdict(spec1)), "base_sha256": base_sha256(args.base)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_file(weights, args.out, metadata=meta)
+    save_lora(weights, spec1, args.base, args.out)
     moved = sum(float((second[k] - first[k]).norm() ** 2) for k in first) ** 0.5
     print(json.dumps({"out": args.out, "t": args.t, "tensors": len(weights), "distance": round(moved, 4)}))
 

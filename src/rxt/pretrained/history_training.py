@@ -268,6 +268,17 @@ def lora_state(model: StatelessLM) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if ".lora_" in k}
 
 
+def save_lora(weights: dict[str, torch.Tensor], spec: LoRASpec, base: str | Path, path: str | Path) -> None:
+    """LoRA weights as a run's ``lora.safetensors``: its settings and its base's sha256 beside them, which
+    `rxt wrap --lora` and ``init_from`` check."""
+    from safetensors.torch import save_file
+
+    from rxt.pretrained.reactive import base_sha256
+
+    meta = {"lora": json.dumps(dataclasses.asdict(spec)), "base_sha256": base_sha256(base)}
+    save_file(weights, str(path), metadata=meta)
+
+
 def save_merged(model: StatelessLM, directory: str | Path, spec: LoRASpec | None = None, base: str = "") -> Path:
     """A plain stateless model directory with the LoRA update folded into the weights (the model in
     training keeps its LoRA modules). Written beside and moved into place: a reader never sees half a model.
@@ -281,12 +292,7 @@ def save_merged(model: StatelessLM, directory: str | Path, spec: LoRASpec | None
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
     if spec is not None:
-        from safetensors.torch import save_file
-
-        from rxt.pretrained.reactive import base_sha256
-
-        meta = {"lora": json.dumps(dataclasses.asdict(spec)), "base_sha256": base_sha256(base)}
-        save_file(lora_state(model), str(tmp / LORA_FILE), metadata=meta)
+        save_lora(lora_state(model), spec, base, tmp / LORA_FILE)
     shutil.rmtree(directory, ignore_errors=True)
     tmp.replace(directory)
     return directory

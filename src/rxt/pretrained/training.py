@@ -353,6 +353,7 @@ class DialogueRun:
                                   f"or choose another --out")
         self.data = TrainingDialogues(recipe.data)
         self.heldout = heldout_fact_dialogues(recipe.data)
+        self._last_control: dict[str, float] | None = None  # the trainer's control at its last evaluation
 
     # what a subclass supplies
     def build_model(self) -> nn.Module:
@@ -399,7 +400,6 @@ class DialogueRun:
         return self._last_control
 
     def run(self) -> dict[str, Any]:
-        self._last_control = None
         model = self.build_model()
         if self.rank == 0 and not self.resume:
             log.info("held-out control before training: %s", self.control(model))
