@@ -248,7 +248,7 @@ def test_the_serving_batcher_reads_and_writes_a_kv_memory(chat_base, keep):
 
     from rxt.serve.batching import BatchScheduler
     from rxt.serve.metrics import ServerMetrics
-    from rxt.serve.service import Turn
+    from rxt.serve.turn import Turn
 
     model = kv_model(chat_base, 96, keep=keep)
     engine = ReactiveEngine(model)

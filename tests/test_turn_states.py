@@ -21,7 +21,7 @@ from rxt.model import ReactiveTransformer
 from rxt.pretrained.lora import LORA_TARGETS
 from rxt.serve.batching import BatchScheduler
 from rxt.serve.metrics import ServerMetrics
-from rxt.serve.service import Turn
+from rxt.serve.turn import Turn
 from rxt.turn_states import write_memory
 from test_reactive_pretrained import REACTIVE, reactive
 

@@ -42,8 +42,9 @@ from rxt.serve.schemas import (
     sse,
     usage,
 )
-from rxt.serve.service import ChatService, ServeSettings, Turn
+from rxt.serve.service import ChatService, ServeSettings
 from rxt.serve.store import SessionStore, StoreUnavailable, VersionConflict
+from rxt.serve.turn import Turn
 
 log = logging.getLogger(__name__)
 

@@ -39,9 +39,10 @@ from rxt.serve.schemas import (
     content_text,
     parse_body,
 )
-from rxt.serve.service import ChatService, Turn
+from rxt.serve.service import ChatService
 from rxt.serve.snapshots import session_of
 from rxt.serve.store import StoreUnavailable
+from rxt.serve.turn import Turn
 
 RESPONSE_ID_PATTERN = r"^resp_[A-Za-z0-9_-]{1,160}$"
 

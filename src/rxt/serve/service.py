@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,8 +33,9 @@ from rxt.serve.kv_caches import KVCacheKeeper
 from rxt.serve.locks import Lease, SessionLocks
 from rxt.serve.metrics import ServerMetrics
 from rxt.serve.schemas import SESSION_ID_PATTERN, ChatCompletionRequest
-from rxt.serve.snapshots import Snapshots, response_id
+from rxt.serve.snapshots import Snapshots
 from rxt.serve.store import SessionStore, StoredSession, StoreUnavailable, VersionConflict
+from rxt.serve.turn import Turn
 from rxt.session import Session, SessionStateError
 
 log = logging.getLogger(__name__)
@@ -61,38 +61,6 @@ class ServeSettings:
     max_sessions_per_key: int = 10_000  # sessions one API key may hold; 0: no limit
     session_idle_s: float = 30 * 86_400.0  # a session not written for this long is deleted; 0: never
     responses_per_session: int = 32  # Responses API: memory snapshots kept per session, the newest
-
-
-class Turn:
-    """One answer in flight: the HTTP side reads ``next()`` until an AnswerEvent (or an error)."""
-
-    def __init__(self, session_id: str, prompt_tokens: int):
-        self.session_id, self.prompt_tokens = session_id, prompt_tokens
-        self.response_id = response_id(session_id)  # the Responses API's name for this turn's memory
-        # Responses API: when set, the memory this turn leaves is kept under response_id, with the response
-        # object this makes of the answer (set before the turn's task runs: right after start_turn)
-        self.describe: Callable[[AnswerEvent], dict] | None = None
-        self.queue: asyncio.Queue[TokenEvent | AnswerEvent | BaseException] = asyncio.Queue()
-        self.cancelled = threading.Event()  # the client went away: stop generating, remember nothing
-        self.history_reread = False  # a stateless session whose KV cache was not kept: its history is read again
-
-    async def next(self) -> TokenEvent | AnswerEvent:
-        item = await self.queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def ready(self) -> list[TokenEvent | AnswerEvent | BaseException]:
-        """What is already queued, taken without waiting."""
-        items = []
-        while not self.queue.empty():
-            items.append(self.queue.get_nowait())
-        return items
-
-    async def answer(self) -> AnswerEvent:
-        while not isinstance(event := await self.next(), AnswerEvent):
-            pass
-        return event
 
 
 class ChatService:
