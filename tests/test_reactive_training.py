@@ -108,9 +108,33 @@ def test_short_share_draws_that_share_of_fact_dialogues_short_and_zero_leaves_th
 
 
 def test_bad_short_mix_is_refused():
-    for short in (ShortFacts(share=1.5), ShortFacts(min_turns=5, max_turns=4), ShortFacts(facts_per_dialogue=[2, 1])):
+    for short in (ShortFacts(share=1.5), ShortFacts(min_turns=5, max_turns=4), ShortFacts(facts_per_dialogue=[2, 1]),
+                  ShortFacts(abstain=1.2), ShortFacts(update_prob=-0.1)):
         with pytest.raises(ValueError, match="data.short"):
             validate_data(ReactiveDataSpec(fact_share=1.0, short=short), StageSpec())
+    with pytest.raises(ValueError, match="data.update_prob"):
+        validate_data(ReactiveDataSpec(fact_share=1.0, update_prob=2.0), StageSpec())
+
+
+def test_short_dialogues_take_their_own_not_told_and_changed_fact_shares():
+    def counts(data: TrainingDialogues, short: bool) -> tuple[int, int, int]:
+        dialogues = [d for d in (data[i] for i in range(300)) if (len(d.turns) <= 4) == short]
+        unknown = sum(t.check["value"] == "" for d in dialogues for t in d.turns if t.check)
+        changed = sum(sum(bool(t.told) for t in d.turns) > sum(bool(t.check and t.check["value"]) for t in d.turns)
+                      for d in dialogues)
+        return len(dialogues), unknown, changed
+
+    long = {"fact_share": 1.0, "min_turns": 12, "max_turns": 14, "max_distance": 4, "facts_per_dialogue": [2, 2]}
+    short = {"share": 0.5, "min_turns": 3, "max_turns": 4, "max_distance": 2, "facts_per_dialogue": [1, 1]}
+    inherit = TrainingDialogues(ReactiveDataSpec(**long, short=ShortFacts(**short)))
+    own = TrainingDialogues(ReactiveDataSpec(**long, short=ShortFacts(**short, abstain=1.0, update_prob=1.0)))
+    n_long, long_unknown, long_changed = counts(own, short=False)
+    assert counts(inherit, short=False) == (n_long, long_unknown, long_changed)  # long dialogues unchanged
+    assert long_unknown == 0
+    n_short, unknown, changed = counts(own, short=True)
+    _, inherit_unknown, inherit_changed = counts(inherit, short=True)
+    assert inherit_unknown == 0 and inherit_changed < 0.4 * n_short  # data.abstain 0, data.update_prob 0.25
+    assert n_short > 100 and unknown > 0.8 * n_short and changed > 2 * inherit_changed  # where the turns allow one
 
 
 def test_fresh_values_give_every_training_dialogue_a_new_word_never_a_held_out_or_pool_value():

@@ -1,4 +1,4 @@
-"""Training a pretrained decoder made reactive: `rxt train --recipe recipes/smollm2-reactive.yaml --out DIR`.
+"""Training a pretrained decoder made reactive: `rxt train --recipe experiments/reactive_pretrained/smollm2-reactive.yaml --out DIR`.
 
 Supervised memory-aware training with the base frozen: each turn of a dialogue is one teacher-forced
 pass reading the memory the earlier turns wrote (its loss on the answer, and its ED), the gradient runs
@@ -49,14 +49,18 @@ IGNORE = -100
 
 @dataclass
 class ShortFacts:
-    """A share of the fact dialogues drawn short (the other generator settings shared): a run that trains
-    long dialogues keeps rehearsing the short ones an earlier run learned from."""
+    """A share of the fact dialogues drawn short (the other generator settings shared unless set here): a run
+    that trains long dialogues keeps rehearsing the short ones an earlier run learned from."""
 
     share: float = 0.0
     min_turns: int = 3
     max_turns: int = 10
     max_distance: int = 8
     facts_per_dialogue: list[int] = field(default_factory=lambda: [1, 3])
+    # None: data.abstain and data.update_prob. Short dialogues are read whole, so what they ask is trained
+    # on every turn of them: where a recipe puts its not-told questions and changed facts
+    abstain: float | None = None
+    update_prob: float | None = None
 
 
 @dataclass
@@ -72,6 +76,7 @@ class ReactiveDataSpec:
     paraphrases: float = 0.3  # share of statements in a training-only paraphrase
     recall_weight: float = 1.0  # loss weight of the answers to recall questions
     abstain: float = 0.0  # share of fact dialogues that also ask about a fact never told (answer: not told)
+    update_prob: float = 0.25  # chance that a fact is told, then changed before it is asked (the newest is right)
     # share of fact values drawn as new words (never a held-out value), so that recall must copy the
     # value from memory rather than recall one of a few hundred training words; which kind of words
     fresh_values: float = 0.0
@@ -141,9 +146,13 @@ class ReactiveRecipe(DialogueRecipe):
 
 def validate_data(d: ReactiveDataSpec, t: StageSpec) -> None:
     """The data and optimisation checks every recipe on these dialogues shares (reactive and stateless)."""
-    for key in ("fact_share", "frames", "paraphrases", "fresh_values", "abstain"):
-        if not 0.0 <= getattr(d, key) <= 1.0:
-            raise ValueError(f"data.{key} is a share in [0, 1], got {getattr(d, key)}")
+    shares = [(key, getattr(d, key)) for key in ("fact_share", "frames", "paraphrases", "fresh_values", "abstain",
+                                                 "update_prob")]
+    shares += [(f"short.{key}", getattr(d.short, key)) for key in ("abstain", "update_prob")
+               if getattr(d.short, key) is not None]
+    for key, value in shares:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"data.{key} is a share in [0, 1], got {value}")
     if d.fact_share < 1.0 and not d.chitchat_file:
         raise ValueError(f"data.fact_share {d.fact_share} leaves room for chitchat: give data.chitchat_file")
     if d.chitchat_file and not Path(d.chitchat_file).is_file():
@@ -203,15 +212,17 @@ class TrainingDialogues:
     def __init__(self, spec: ReactiveDataSpec):
         self.spec = spec
 
-        def generator(min_turns: int, max_turns: int, max_distance: int, facts: list[int]) -> DialogueGenerator:
+        def generator(min_turns: int, max_turns: int, max_distance: int, facts: list[int], abstain: float | None = None,
+                      update_prob: float | None = None) -> DialogueGenerator:
             return DialogueGenerator(spec.seed, "train", min_turns, max_turns, max_distance, tuple(facts),
+                                     spec.update_prob if update_prob is None else update_prob,
                                      fresh_values=spec.fresh_values, fresh_words=spec.fresh_words, frames=spec.frames,
-                                     paraphrases=spec.paraphrases, abstain=spec.abstain)
+                                     paraphrases=spec.paraphrases, abstain=spec.abstain if abstain is None else abstain)
 
         self.facts = generator(spec.min_turns, spec.max_turns, spec.max_distance, spec.facts_per_dialogue)
         short = spec.short
-        self.short = (generator(short.min_turns, short.max_turns, short.max_distance, short.facts_per_dialogue)
-                      if short.share > 0 else None)
+        self.short = (generator(short.min_turns, short.max_turns, short.max_distance, short.facts_per_dialogue,
+                                short.abstain, short.update_prob) if short.share > 0 else None)
         self.chitchat = (DialogueList.read(spec.chitchat_file, spec.chitchat_max_turns, spec.chitchat_max_chars)
                          if spec.chitchat_file else None)
 
