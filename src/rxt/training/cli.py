@@ -1,6 +1,6 @@
 """`rxt train --recipe recipes/nano.yaml --out DIR`: every curriculum stage and the baseline, end to end.
 
-A recipe with ``kind: reactive-pretrained`` (e.g. recipes/smollm2-reactive.yaml) trains the adapter of
+A recipe with ``kind: reactive-pretrained`` (e.g. experiments/reactive_pretrained/smollm2-reactive.yaml) trains the adapter of
 a pretrained decoder made reactive instead (rxt.pretrained.training); one with ``kind: stateless-pretrained``
 trains its stateless baseline, LoRA on the same base reading the whole history (rxt.pretrained.history_training).
 
