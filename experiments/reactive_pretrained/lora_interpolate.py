@@ -2,7 +2,7 @@
 (WiSE-FT, arXiv 2109.01903): ``(1 - t) * first + t * second``, factor by factor, so the rank stays.
 
 A reader trained further on what the memory holds far into a conversation
-(smollm2-stateless-memview-gentle.yaml, init_from the shipped LoRA) answers far facts the shipped
+(smollm2-stateless-memview-gentle.yaml, init_from models/smollm2-kv-mix) answers far facts that
 reader misses and misses near ones it answers. Interpolating the two is the standard way to keep
 the starting model's strengths and most of the fine-tuned one's gain; ``t`` is fixed before any
 evaluation (0.5), never chosen on the memory suite's held-out half.
@@ -11,7 +11,7 @@ Interpolating the factors A and B (not the products B A) leaves a cross term t (
 it is small when the second run started from the first, and the result is a LoRA of the same rank
 that `rxt wrap --lora` ships as it is.
 
-    python experiments/reactive_pretrained/lora_interpolate.py runs/smollm2 models/smollm2-kv \
+    python experiments/reactive_pretrained/lora_interpolate.py runs/smollm2 models/smollm2-kv-mix \
         runs/smollm2-stateless-memview-gentle/model/lora.safetensors --t 0.5 --out runs/lora-wise-0.5.safetensors
 """
 
