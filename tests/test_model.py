@@ -452,3 +452,14 @@ def test_load_fails_on_mismatched_config(saved_dir: Path, changes: dict, message
     edit_config(saved_dir, **changes)
     with pytest.raises(ValueError, match=message):
         ReactiveTransformer.from_pretrained(saved_dir)
+
+
+def test_saved_records_round_trip_and_refuse_unknown_keys_by_name():
+    from rxt.pretrained.reactive_config import ReactiveConfig
+    from rxt.tokenizer import ChatTemplate
+
+    for record, kind in ((ModelConfig(), "config"), (ChatTemplate(), "chat template"),
+                         (ReactiveConfig(lora_rank=4), "reactive config")):
+        assert type(record).from_dict(record.to_dict()) == record
+        with pytest.raises(ValueError, match=rf"unknown {kind} keys \['bogus'\]"):
+            type(record).from_dict({**record.to_dict(), "bogus": 1})

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rxt.attention import ATTENTION_IMPLS, check_heads
+from rxt.records import DictRecord
 
 MEMORY_ATTENTION_VARIANTS = ("simple", "self", "interlayer", "gated_self_interlayer")
 GATE_MODES = ("static", "elementwise", "linear", "content")
@@ -18,7 +18,7 @@ QUEUE_WRITES = ("queue", "consolidate")  # writes that append write_slots new sl
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(DictRecord):
     vocab_size: int = 4096
     d_model: int = 128
     n_layers: int = 4  # decoder layers = encoder layers = STM layers
@@ -90,17 +90,6 @@ class ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
 
     def save(self, path: str | Path, **extra: Any) -> None:
         Path(path).write_text(json.dumps({**extra, **self.to_dict()}, indent=2) + "\n")

@@ -12,7 +12,6 @@ characters, never as the control token; only the template places control tokens.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -24,6 +23,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from rxt.records import DictRecord
+
 log = logging.getLogger(__name__)
 
 PAD, QUERY, ANSWER, END, MASK = "[PAD]", "[Q]", "[A]", "[EOT]", "[MASK]"
@@ -33,7 +34,7 @@ _FIELD = re.compile(r"\{(query|answer)\}")
 
 
 @dataclass(frozen=True)
-class ChatTemplate:
+class ChatTemplate(DictRecord):
     """How a conversation is written in tokens, one turn at a time.
 
     A conversation is ``preamble`` then, per turn, ``prompt`` (with ``{query}``), ``answer`` (with
@@ -41,6 +42,8 @@ class ChatTemplate:
     stops when it writes ``end``. Control tokens in these strings are looked up by name; the rest,
     and the message itself, is encoded as text. ``source`` keeps the template a model came with.
     """
+
+    KIND = "chat template"
 
     prompt: str = f"{QUERY} {{query}}{ANSWER}"
     answer: str = " {answer}"
@@ -50,16 +53,6 @@ class ChatTemplate:
     pad: str = PAD
     source: str = ""
 
-    def to_dict(self) -> dict[str, str]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, str]) -> ChatTemplate:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown chat template keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
 
 
 RXT_TEMPLATE = ChatTemplate()

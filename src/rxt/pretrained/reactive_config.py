@@ -12,15 +12,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rxt.config import ModelConfig
+from rxt.records import DictRecord
 
 __all__ = ["MEMORY_READS", "ReactiveConfig"]
 
 MEMORY_READS = ("new", "base")
 
+
 @dataclass
-class ReactiveConfig:
+class ReactiveConfig(DictRecord):
     """What the reactive wrapper adds to a pretrained decoder. Kept apart from ModelConfig: the base's
     config (and with it every saved model's identity) does not change."""
+
+    KIND = "reactive config"
 
     memory_layers: list[int] = field(default_factory=lambda: list(range(2, 30, 3)))  # every 3rd of 30
     # SQA where it pays: 3 of SmolLM2's 9 query heads of 64 -> a third of MHA's attention FLOPs in the
@@ -60,17 +64,6 @@ class ReactiveConfig:
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     lora_layers: list[int] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ReactiveConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown reactive config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
 
     def identity_dict(self) -> dict[str, Any]:
         """to_dict without the keys of options that are off (LoRA, the base-started read): a model without
