@@ -8,7 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from rxt.bench.flops import FlopClock
 from rxt.bench.latency_report import breakeven_turn, token_closed_forms
 from rxt.cli import main
 
@@ -120,3 +122,45 @@ def test_static_path_is_reported_beside_eager(tmp_path) -> None:
             assert row[f"{name}_static_decode_tokens_per_s"] > 0
     assert set(summary["warmup_s"]) == {"rxt_static", "baseline_static", "cached_static"}
     assert "static: RxT stays faster than the persistent cache from" in printed.getvalue()
+
+
+def test_flop_clock_counts_matmuls_and_cpu_attention() -> None:
+    """Two FLOPs per multiply-add, for a matmul and for the CPU attention kernel (scores, then output)."""
+    clock = FlopClock()
+    with clock.counter:
+        torch.ones(3, 4) @ torch.ones(4, 5)
+        assert clock() == 2 * 3 * 4 * 5
+        q, kv = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8)
+        torch.nn.functional.scaled_dot_product_attention(q, kv, kv)
+    assert clock() == 120 + 2 * (2 * 3 * 8 * 5) * 2
+    torch.ones(3, 4) @ torch.ones(4, 5)  # outside the counter
+    assert clock() == 120 + 960
+
+
+def test_flops_are_counted_per_turn_and_system(tmp_path) -> None:
+    """--flops: RxT's turn costs the same FLOPs at every turn; re-reading and the persistent cache cost more
+    as the history grows; the break-even turns by count are in the summary, for eager and static."""
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        code = main([*FAST, "--turns", "4", "--static", "--flops", "--json", str(tmp_path / "latency.json")])
+    assert code == 0
+    record = json.loads((tmp_path / "latency.json").read_text())
+    rows = record["turns"]
+    for mode in ("", "_static"):
+        rxt = [(row[f"rxt{mode}_prompt_flops"], row[f"rxt{mode}_decode_flops_per_token"]) for row in rows]
+        assert len(set(rxt)) == 1 and rxt[0][1] > 0  # a fixed memory: the same work every turn
+        for row in rows:
+            for name in SYSTEMS:
+                assert 0 < row[f"{name}{mode}_prompt_flops"] <= row[f"{name}{mode}_first_token_flops"]
+                assert row[f"{name}{mode}_first_token_flops"] < row[f"{name}{mode}_answer_flops"]
+        cached = [row[f"cached{mode}_prompt_flops"] for row in rows]
+        assert cached == sorted(cached)
+    for name in ("baseline", "cached"):  # eager attention reads exactly the tokens so far: strictly more each turn
+        prompt = [row[f"{name}_prompt_flops"] for row in rows]
+        assert all(a < b for a, b in zip(prompt, prompt[1:], strict=False))
+    summary = record["summary"]["flops"]
+    assert set(summary) == {"eager", "static"}
+    for part in summary.values():
+        assert {"breakeven_prompt_turn", "breakeven_answer_turn", "decode_speed_ratio_per_turn"} <= set(part)
+        assert part["decode_speed_ratio_per_turn"][0] < 1  # at turn 1 RxT has its memory read on top
+    assert "by FLOPs (static): RxT does less than the persistent cache from" in printed.getvalue()
+    assert "rxt_compiled_prompt_flops" not in rows[0]

@@ -43,6 +43,7 @@ from tokenizers import models
 from tqdm import tqdm
 
 from rxt.baselines import StatelessEngine
+from rxt.bench.flops import FlopClock, attach_flops, flop_summary, format_flops
 from rxt.bench.latency_report import (
     FAST_MODES,
     TurnMeasure,
@@ -240,6 +241,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "out the time a shared machine gives to other processes")
     parser.add_argument("--static", action="store_true",
                         help="also run every system on the fast path uncompiled (static caches), interleaved")
+    parser.add_argument("--flops", action="store_true",
+                        help="also count the FLOPs of every turn phase (one more conversation per eager and static "
+                             "system): where RxT would overtake the persistent cache if time followed FLOPs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a --preset config value, e.g. --set d_model=512 (repeatable)")
 
@@ -267,6 +271,11 @@ def run(args: argparse.Namespace) -> int:
             with tqdm(total=args.repeats * args.turns, desc="turns", disable=args.no_progress) as bar:
                 runs = run_conversations(engines, queries, answer_tokens, args.repeats, tick=bar.update,
                                          clock=CLOCKS[args.clock])
+            if args.flops:
+                counted = {name: e for name, e in engines.items() if e.inference != "compiled"}
+                clock = FlopClock()
+                with clock.counter:
+                    flop_rows = per_turn_rows(run_conversations(counted, queries, answer_tokens, 1, clock=clock))
     finally:
         for engine in engines.values():
             if isinstance(engine, ReactiveEngine):
@@ -275,6 +284,9 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize_runs(rows, args.turn_tokens)
     if warmup_s:
         summary["warmup_s"] = warmup_s
+    if args.flops:
+        attach_flops(rows, flop_rows, list(counted))
+        summary["flops"] = flop_summary(flop_rows)
     settings = dict(turns=args.turns, turn_tokens=args.turn_tokens, query_tokens=query_tokens,
                     answer_tokens=answer_tokens, repeats=args.repeats, threads=args.threads, seed=args.seed,
                     device=args.device, clock=args.clock, fast_modes=fast_modes(args), model_config=config.to_dict(), **source)
@@ -286,6 +298,8 @@ def run(args: argparse.Namespace) -> int:
     for mode in fast_modes(args):
         print(format_mode_table(rows, mode))
     print(format_summary(summary, args.turn_tokens))
+    if args.flops:
+        print(format_flops(rows, summary["flops"]))
     if args.json:
         record = {"turns": rows, "summary": summary, "config": settings, "hardware": platform_text}
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
