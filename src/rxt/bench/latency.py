@@ -14,7 +14,8 @@ its engine's own pieces (``plan`` -> ``decode_tokens`` -> ``finish``), as a chat
 With ``--compile`` the same engines also run on the fast path (rxt.fast: static caches, prefill and
 decode compiled once), as ``rxt_compiled``, ``baseline_compiled`` and ``cached_compiled``, interleaved
 with the eager ones; their warm-up (compilation) is one whole untimed conversation, reported apart.
-``--static`` adds the fast path uncompiled (``*_static``) the same way.
+``--static`` adds the fast path uncompiled (``*_static``) the same way. ``--flops`` also counts every
+figure in FLOPs (rxt.bench.flops): one more conversation per eager and static system.
 
 Per turn: prompt phase (plan + prefill), time to first token, time to last answer token, memory
 update (timed on the worker), tokens processed (prompt + answer, plus the memory encoder's input for
@@ -289,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
         summary["flops"] = flop_summary(flop_rows)
     settings = dict(turns=args.turns, turn_tokens=args.turn_tokens, query_tokens=query_tokens,
                     answer_tokens=answer_tokens, repeats=args.repeats, threads=args.threads, seed=args.seed,
-                    device=args.device, clock=args.clock, fast_modes=fast_modes(args), model_config=config.to_dict(), **source)
+                    device=args.device, clock=args.clock, fast_modes=fast_modes(args), flops=args.flops, model_config=config.to_dict(), **source)
     platform_text = f"{hardware}; {platform.platform()}; torch {torch.__version__}"
     print(f"rxt bench latency: {source.get('model') or 'preset ' + source.get('preset', '?')}, "
           f"{args.turns} turns of {query_tokens}+{answer_tokens} tokens, {args.repeats} repeats, "
