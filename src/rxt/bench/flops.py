@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from rxt.bench.latency_report import FAST_MODES, breakeven_summary
+from rxt.bench.latency_report import FAST_MODES, breakeven_summary, turn_text
 
 # counted per turn and system, as fields of the bench's rows
 FLOP_FIELDS = {"prompt_s": "prompt_flops", "ttft_s": "first_token_flops", "answer_s": "answer_flops"}
@@ -77,13 +77,10 @@ def format_flops(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
             f"{rows[t - 1][f'{rxt}_decode_flops_per_token'] / 1e6:.3f} / "
             f"{rows[t - 1][f'{cached}_decode_flops_per_token'] / 1e6:.3f} M per token" for t in picks))
 
-        def turn(value: int | None) -> str:
-            return f"turn {value}" if value is not None else "no turn"
-
         ratio = found["decode_speed_ratio_per_turn"]
-        lines.append(f"by FLOPs ({mode}): RxT does less than the persistent cache from {turn(found['breakeven_prompt_turn'])} "
-                     f"(prompt phase), {turn(found['breakeven_answer_turn'])} (whole answer), "
-                     f"{turn(found['breakeven_decode_turn'])} (decode step); the cache's decode FLOPs over RxT's: "
+        lines.append(f"by FLOPs ({mode}): RxT does less than the persistent cache from {turn_text(found['breakeven_prompt_turn'])} "
+                     f"(prompt phase), {turn_text(found['breakeven_answer_turn'])} (whole answer), "
+                     f"{turn_text(found['breakeven_decode_turn'])} (decode step); the cache's decode FLOPs over RxT's: "
                      f"{ratio[0]:.3f} at turn 1, {ratio[-1]:.3f} at turn {len(ratio)} (the most RxT's decode speed "
                      f"can be of the cache's where time follows FLOPs)")
     return "\n".join(lines)

@@ -194,15 +194,17 @@ def format_mode_table(rows: list[dict[str, Any]], mode: str) -> str:
     return "\n".join(lines)
 
 
+def turn_text(value: int | None) -> str:
+    """A break-even turn as the reports print it."""
+    return f"turn {value}" if value is not None else "no turn (not ahead at the last turn)"
+
+
 def format_breakeven(summary: dict[str, Any], mode: str) -> list[str]:
     """Where RxT overtakes the persistent cache, in one mode, and the issue's targets."""
-    def turn(value: int | None) -> str:
-        return f"turn {value}" if value is not None else "no turn (slower at the last turn)"
-
     speed = summary["decode_speed_ratio_per_turn"]
-    lines = [f"{mode}: RxT stays faster than the persistent cache from {turn(summary['breakeven_prompt_turn'])} "
-             f"(prompt phase), {turn(summary['breakeven_answer_turn'])} (whole answer), "
-             f"{turn(summary['breakeven_decode_turn'])} (decode tokens/s: {speed[0]:.2f}x at turn 1, "
+    lines = [f"{mode}: RxT stays faster than the persistent cache from {turn_text(summary['breakeven_prompt_turn'])} "
+             f"(prompt phase), {turn_text(summary['breakeven_answer_turn'])} (whole answer), "
+             f"{turn_text(summary['breakeven_decode_turn'])} (decode tokens/s: {speed[0]:.2f}x at turn 1, "
              f"{speed[-1]:.2f}x at turn {len(speed)})"]
     return lines + [f"target ({mode}) {name}: {'met' if ok else 'NOT met'}"
                     for name, ok in summary["breakeven_targets"].items()]
